@@ -1,0 +1,24 @@
+"""Pretraining methods, one file each. ``build`` turns a name and options into a Method."""
+
+from __future__ import annotations
+
+from selfsup.methods.base import Method
+from selfsup.methods.rotation import Rotation
+from selfsup.methods.simclr import SimCLR
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation)}
+
+
+def get(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def available() -> dict[str, str]:
+    return {name: cls.summary for name, cls in METHODS.items()}
+
+
+def build(name: str, backbone, params: dict, num_images: int) -> Method:
+    cls = get(name)
+    return cls(backbone, cls.make_config(params), num_images)

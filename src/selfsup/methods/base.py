@@ -1,0 +1,60 @@
+"""The Method contract: a pretext task or self-supervised objective around a backbone.
+
+A method is one ``nn.Module`` holding the backbone, its heads and any state (memory bank, queue,
+momentum encoder) as buffers or submodules, so that ``state_dict()`` resumes it exactly. Per step
+the training loop calls::
+
+    views = method.views(images_uint8, index, g)   # on the device, batched, randomness from g only
+    out = method(views)                            # {"loss": tensor, other scalars to log}
+    ... backward, optimizer step ...
+    method.after_step(out, step)                   # EMA, memory-bank write, queue push
+
+``g`` is a CPU ``torch.Generator`` seeded from (seed, step, rank) by the loop: every random choice
+a method makes comes from it, which is what makes a killed-and-resumed run equal the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from selfsup.backbones.base import Backbone
+
+
+class Method(nn.Module, abc.ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type]                 # the method's own dataclass of hyperparameters
+    optim_defaults: ClassVar[dict] = {}    # the source paper's optimiser recipe (OptimConfig fields)
+
+    def __init__(self, backbone: Backbone, cfg: Any, num_images: int):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.num_images = num_images
+
+    @abc.abstractmethod
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+        """Turn a uint8 batch (B×3×H×W on the device) into the method's inputs."""
+
+    @abc.abstractmethod
+    def forward(self, views: dict) -> dict:
+        """Return ``{"loss": scalar tensor, ...}``; other entries are logged as scalars."""
+
+    def after_step(self, out: dict, step: int) -> None:
+        """Called after the optimiser step; default no-op."""
+
+    @classmethod
+    def make_config(cls, params: dict) -> Any:
+        """The method's Config from a mapping, naming unknown keys and listing the valid ones."""
+        params = {k: v for k, v in params.items() if k != "name"}
+        known = {f.name for f in fields(cls.Config)}
+        unknown = set(params) - known
+        if unknown:
+            raise KeyError(f"unknown option(s) {sorted(unknown)} for method {cls.name!r}; "
+                           f"valid: {', '.join(sorted(known))}")
+        return cls.Config(**params)

@@ -1,0 +1,200 @@
+"""The pretraining loop: one page, read top to bottom, on Lightning Fabric (CPU, GPU, DDP, bf16).
+
+Exact resume rests on three rules:
+
+1. data order is a function of (seed, epoch) (``epoch_order``), sliced per step and per rank;
+2. every random draw of step s (augmentation, dropout) comes from generators seeded by
+   (seed, step, rank) (``step_seed``), not from a stream that runs across steps;
+3. the lr is a function of the step, and everything stateful (weights, BN statistics, optimizer
+   moments, memory banks, queues, EMA) is in the checkpoint.
+
+So a run killed at any step and restarted with the same command ends with the same weights, bit
+for bit on a CPU, as the run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from selfsup import backbones, methods
+from selfsup.config import RunConfig, save_config, to_dict
+from selfsup.data import load
+from selfsup.data.loader import DeviceImages
+from selfsup.train import checkpoint
+from selfsup.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from selfsup.train.progress import MetricsLog, Progress
+
+# Settings a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = {"train.progress", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1)
+
+
+def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    return torch.randperm(num_images, generator=g)
+
+
+def make_fabric(cfg: RunConfig):
+    from lightning_fabric import Fabric
+
+    t = cfg.train
+    accelerator = t.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "cuda" else "32-true"
+    strategy = "ddp" if (t.num_nodes > 1 or str(t.devices) not in ("1", "auto")) else "auto"
+    return Fabric(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                  strategy=strategy, precision=precision)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "method":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_run(cfg: RunConfig, out: Path) -> None:
+    """A run directory belongs to one configuration; resuming it with another would mix two runs."""
+    import yaml
+
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    with open(saved_path) as f:
+        saved = _flat(yaml.safe_load(f))
+    now = _flat(to_dict(cfg))
+    diff = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+    if diff:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(diff))
+        raise ValueError(f"{out} holds a run with other settings ({details}). Resume it with the same "
+                         f"settings, or pass a new --out for a new run.")
+
+
+def export_backbone(method, cfg: RunConfig, path: Path) -> None:
+    """The trained backbone alone, in safetensors with its architecture in the metadata, so that
+    ``selfsup evaluate`` and other tools can rebuild it without this run's config."""
+    import json
+
+    meta = {"backbone": json.dumps(to_dict(cfg.backbone)), "method": cfg.method["name"], "format": "selfsup-1"}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in method.backbone.state_dict().items()},
+              str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def pretrain(cfg: RunConfig, out: str | Path) -> Path:
+    """Train ``cfg.method`` on ``cfg.data`` into run directory ``out`` (resuming what is there)."""
+    out = Path(out)
+    fabric = make_fabric(cfg)
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    t = cfg.train
+    if fabric.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        check_same_run(cfg, out)
+        save_config(cfg, out / "config.yaml")
+    fabric.barrier()
+
+    data = load(cfg.data.name, cfg.data.split, size=cfg.data.size, on_error=cfg.data.on_error)
+    images = DeviceImages(data, fabric.device, resident_bytes=cfg.data.resident_bytes)
+    n = len(data.labels)
+    if t.batch_size % world:
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {world} processes")
+    local_batch = t.batch_size // world
+    steps_per_epoch = n // t.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size={t.batch_size} exceeds the {n} images of {cfg.data.name}")
+    total = t.steps or math.ceil((t.epochs or 1) * steps_per_epoch)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank and every restart
+    backbone = backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,
+                               **cfg.backbone.options)
+    method = methods.build(cfg.method["name"], backbone, cfg.method, num_images=n)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    method = method.to(fabric.device, memory_format=memory_format)
+    base_lr = scaled_lr(cfg.optim, t.batch_size)
+    optimizer = build_optimizer(method, cfg.optim, base_lr)
+    start = 0
+    last = checkpoint.latest(out)
+    if last is not None:
+        start = checkpoint.restore(last, method, optimizer)["step"]
+        fabric.print(f"resuming {out} from step {start}")
+    if t.compile:
+        method.backbone.compile()
+    model, optimizer = fabric.setup(method, optimizer)
+    raw = model.module  # views() and after_step() are not forward passes: call them on the raw module
+
+    log = MetricsLog(out / "metrics.csv", start) if fabric.is_global_zero else None
+    progress = Progress(total, start, enabled=t.progress and fabric.is_global_zero)
+    order, order_epoch, last_log, step = None, -1, time.perf_counter(), start
+    images_since_log = 0
+    model.train()
+    for step in range(start, total):
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(n, t.seed, epoch), epoch
+        index = order[within * t.batch_size:(within + 1) * t.batch_size][rank * local_batch:(rank + 1) * local_batch]
+        seed = step_seed(t.seed, step, rank)
+        torch.manual_seed(seed)                      # dropout and any other in-model randomness
+        g = torch.Generator().manual_seed(seed)      # augmentation parameters
+        lr = lr_at(step, total, base_lr, cfg.optim, steps_per_epoch)
+        set_lr(optimizer, lr)
+
+        with torch.no_grad():
+            views = raw.views(images.get(index.to(fabric.device)), index.to(fabric.device), g)
+            views = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in views.items()}
+        out_step = model(views)
+        loss = out_step["loss"]
+        if not torch.isfinite(loss.detach()):
+            kept = checkpoint.latest(out)
+            raise NonFiniteLoss(
+                f"loss became {loss.item()} at step {step} (lr {lr:.4g}); the run stopped before updating "
+                f"the weights. Last good checkpoint: {kept or 'none yet'}. Lower optim.lr or check the data.")
+        optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        optimizer.step()
+        raw.after_step(out_step, step)
+        images_since_log += t.batch_size
+
+        done = step + 1
+        if done % t.log_every == 0 or done == total:
+            scalars = {k: float(v) for k, v in out_step.items() if torch.is_tensor(v) and v.numel() == 1}
+            rate = progress.update(done, images_since_log, scalars)
+            images_since_log = 0
+            if log is not None:
+                now = time.perf_counter()
+                log.log({"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, **scalars,
+                         "images_per_s": rate, "seconds": round(now - last_log, 3)})
+                last_log = now
+        if done % t.checkpoint_every == 0 or done == total:
+            if fabric.is_global_zero:
+                checkpoint.save(out, done, raw, optimizer, keep=t.keep_checkpoints,
+                                meta={"epoch": done / steps_per_epoch, "total": total})
+            fabric.barrier()
+    progress.close()
+    if log is not None:
+        log.close()
+    if fabric.is_global_zero:
+        if start == total:
+            fabric.print(f"{out} is already complete ({total} steps)")
+        export_backbone(raw, cfg, out / "backbone.safetensors")
+    fabric.barrier()
+    return out
