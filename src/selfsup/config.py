@@ -118,10 +118,23 @@ def parse_overrides(pairs: list[str]) -> dict:
     return nested
 
 
+RECIPES = Path(__file__).resolve().parent / "configs"
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A YAML path, or the name of a recipe shipped in selfsup/configs (``small/simclr_cifar10``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = RECIPES / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+    raise FileNotFoundError(f"config {name} is neither a file nor a shipped recipe; recipes: {', '.join(known)}")
+
+
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    path = recipe_path(path)
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):

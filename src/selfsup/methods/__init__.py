@@ -22,3 +22,14 @@ def available() -> dict[str, str]:
 def build(name: str, backbone, params: dict, num_images: int) -> Method:
     cls = get(name)
     return cls(backbone, cls.make_config(params), num_images)
+
+
+def input_normalization(params: dict) -> tuple[tuple, tuple]:
+    """(mean, std) the method fed its backbone, which evaluation must reuse for the same features."""
+    from selfsup.views.augment import PRESETS
+
+    cls = get(params["name"])
+    view = PRESETS[cls.make_config(params).view]
+    if view.mean is None:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return tuple(view.mean), tuple(view.std)

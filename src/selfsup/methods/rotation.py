@@ -48,7 +48,7 @@ class Rotation(Method):
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
         cfg = dataclasses.replace(self.view_cfg, size=self.cfg.size or images.shape[-1])
-        x = make_view(images, cfg, g)
+        x = make_view(images, cfg, g=g)
         b = x.shape[0]
         labels = torch.arange(4, device=x.device).repeat_interleave(b)   # 0…0, 1…1, 2…2, 3…3
         return {"x": rotate90(x.repeat(4, 1, 1, 1), labels), "labels": labels}

@@ -55,10 +55,17 @@ class SimCLR(Method):
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
         cfg = dataclasses.replace(self.view_cfg, size=self.cfg.size or images.shape[-1])
-        return {"x1": make_view(images, cfg, g), "x2": make_view(images, cfg, g)}
+        return {"x1": make_view(images, cfg, g=g), "x2": make_view(images, cfg, g=g)}
 
     def forward(self, views: dict) -> dict:
         x = torch.cat([views["x1"], views["x2"]])
         z = self.projector(self.backbone(x)["pre_logits"])
         z1, z2 = z.chunk(2)
-        return {"loss": nt_xent(z1, z2, self.cfg.temperature)}
+        with torch.no_grad():  # how often a view's nearest neighbour (cosine) is its positive: a pretext accuracy
+            zn = torch.nn.functional.normalize(z.float(), dim=1)
+            sim = zn @ zn.T
+            sim.fill_diagonal_(float("-inf"))
+            b = z1.shape[0]
+            target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+            acc = (sim.argmax(1) == target).float().mean()
+        return {"loss": nt_xent(z1, z2, self.cfg.temperature), "pretext_acc": acc}

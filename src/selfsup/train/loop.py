@@ -93,7 +93,9 @@ def export_backbone(method, cfg: RunConfig, path: Path) -> None:
     ``selfsup evaluate`` and other tools can rebuild it without this run's config."""
     import json
 
-    meta = {"backbone": json.dumps(to_dict(cfg.backbone)), "method": cfg.method["name"], "format": "selfsup-1"}
+    mean, std = methods.input_normalization(cfg.method)
+    meta = {"backbone": json.dumps(to_dict(cfg.backbone)), "method": cfg.method["name"], "format": "selfsup-1",
+            "mean": json.dumps(mean), "std": json.dumps(std)}
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in method.backbone.state_dict().items()},
               str(tmp), metadata=meta)
@@ -176,7 +178,7 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path:
 
         done = step + 1
         if done % t.log_every == 0 or done == total:
-            scalars = {k: float(v) for k, v in out_step.items() if torch.is_tensor(v) and v.numel() == 1}
+            scalars = {k: float(v.detach()) for k, v in out_step.items() if torch.is_tensor(v) and v.numel() == 1}
             rate = progress.update(done, images_since_log, scalars)
             images_since_log = 0
             if log is not None:

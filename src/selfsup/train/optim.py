@@ -6,6 +6,7 @@ The schedule is a pure function of the step, so it carries no state a checkpoint
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 

@@ -1,0 +1,263 @@
+"""The ``selfsup`` command.
+
+    selfsup pretrain METHOD --data NAME|PATH --backbone NAME [--steps N | --epochs N] [--batch-size N]
+                     --out DIR [key=value ...]
+    selfsup evaluate RUN_DIR_OR_CHECKPOINT... --data NAME|PATH [--protocol knn|linear ...]
+    selfsup bench                       pretrain on the bundled sample, evaluate it and a random-init copy
+    selfsup list methods|backbones|datasets|protocols
+    selfsup results [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EPILOG_OVERRIDES = """\
+key=value overrides set any field of the run config, e.g. optim.lr=0.5 method.temperature=0.2
+train.checkpoint_every=100 backbone.width=0.5. Sections: method (the method's own options),
+backbone, data, optim, train. `selfsup pretrain simclr --print-config` shows every field."""
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="results database (default $SELFSUP_STORE or ~/.selfsup/results.sqlite)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfsup", description="Self-supervised pretraining and transfer "
+                                     "evaluation (Kolesnikov et al. 2019, PIRL, Ericsson et al. 2021).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="train a method; re-running the same command resumes it",
+                       epilog=EPILOG_OVERRIDES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", help="pretraining method (see `selfsup list methods`)")
+    p.add_argument("--data", help="dataset name under $SELFSUP_DATA (see `selfsup list datasets`) or a path to an "
+                   "ImageFolder directory, ImageFolder zip or CIFAR pickles; default: the bundled sample")
+    p.add_argument("--split", help="split to pretrain on (default train)")
+    p.add_argument("--size", type=int, help="decode images to this square size (shorter side + centre crop)")
+    p.add_argument("--backbone", help="architecture (see `selfsup list backbones`), default resnet18")
+    p.add_argument("--width", type=float, help="width multiplier; 1.0 = the published network")
+    p.add_argument("--cifar-stem", action="store_true", default=None,
+                   help="3x3 stride-1 root conv without max-pool, for 32-64 px images")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int, help="total optimisation steps")
+    group.add_argument("--epochs", type=float, help="epochs over the pretraining split")
+    p.add_argument("--batch-size", type=int, help="global batch size (split across devices), default 256")
+    p.add_argument("--lr", type=float, help="base learning rate (scaled by batch/256 unless optim.scale_lr=false)")
+    p.add_argument("--seed", type=int, help="seed of initial weights, data order and augmentation (default 0)")
+    p.add_argument("--out", required=True, help="run directory: config, checkpoints, metrics.csv, backbone")
+    p.add_argument("--config", help="YAML recipe (e.g. configs/small/simclr_sample.yaml); flags override it")
+    p.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (default 500)")
+    p.add_argument("--devices", help="number of devices (GPUs) per node, default 1")
+    p.add_argument("--num-nodes", type=int, help="number of nodes for multi-node DDP (torchrun/SLURM)")
+    p.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU) or a Fabric precision")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    p.add_argument("--no-progress", action="store_true", help="no progress line (metrics.csv is still written)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+
+    p = sub.add_parser("evaluate", help="frozen-feature protocols on a dataset; figures go to the results store")
+    p.add_argument("models", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="run directories of `selfsup pretrain`, or backbone .safetensors files")
+    p.add_argument("--data", default="sample", help="dataset name or path (default: the bundled sample)")
+    p.add_argument("--protocol", action="append", choices=["knn", "linear"],
+                   help="protocol to run, repeatable (default: knn and linear)")
+    p.add_argument("--tap", default="pre_logits", help="which feature to probe (default pre_logits)")
+    p.add_argument("--resolution", type=int, help="evaluation resolution (default: the images' own)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="recompute figures already in the store")
+    _add_store(p)
+
+    p = sub.add_parser("bench", help="the main job: pretrain on the bundled sample (or --data), then evaluate the "
+                       "model and a random-init copy of its backbone with kNN and the linear probe")
+    p.add_argument("--method", default="simclr", help="default simclr")
+    p.add_argument("--data", default="sample", help="dataset name or path (default: the bundled sample)")
+    p.add_argument("--config", help="YAML recipe (default: configs/small/bench.yaml shipped in the package)")
+    p.add_argument("--steps", type=int, help="pretraining steps (default from the recipe)")
+    p.add_argument("--out", default="runs/bench", help="run directory (default runs/bench); re-running resumes")
+    p.add_argument("--protocol", action="append", choices=["knn", "linear"], help="default: knn and linear")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_store(p)
+
+    p = sub.add_parser("list", help="list methods, backbones, datasets or protocols")
+    p.add_argument("what", choices=["methods", "backbones", "datasets", "protocols"])
+
+    p = sub.add_parser("results", help="show the results store")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--dataset", help="only this dataset")
+    p.add_argument("--protocol", help="only this protocol")
+    _add_store(p)
+    return parser
+
+
+def _pretrain_config(args):
+    from selfsup import methods
+    from selfsup.config import build, parse_overrides, read_yaml
+
+    method = methods.get(args.method)
+    flags = {
+        "method": {"name": args.method},
+        "data": {"name": args.data, "split": args.split, "size": args.size},
+        "backbone": {"name": args.backbone, "width": args.width, "cifar_stem": args.cifar_stem},
+        "optim": {"lr": args.lr},
+        "train": {"steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+                  "checkpoint_every": args.checkpoint_every, "devices": args.devices, "num_nodes": args.num_nodes,
+                  "accelerator": args.accelerator, "precision": args.precision, "compile": args.compile,
+                  "progress": False if args.no_progress else None},
+    }
+    flags = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in flags.items()}
+    if args.steps is not None:
+        flags["train"]["epochs"] = None   # a recipe's epochs must not outrank the --steps asked for
+    if args.epochs is not None:
+        flags["train"]["steps"] = None
+    if str(flags["train"].get("devices", "")).isdigit():
+        flags["train"]["devices"] = int(flags["train"]["devices"])
+    return build({"optim": method.optim_defaults}, read_yaml(args.config) if args.config else {}, flags,
+                 parse_overrides(args.overrides))
+
+
+def cmd_pretrain(args) -> int:
+    import yaml
+
+    from selfsup.config import to_dict
+    from selfsup.train.loop import pretrain
+
+    cfg = _pretrain_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    out = pretrain(cfg, args.out)
+    print(f"done: {out} (backbone: {out / 'backbone.safetensors'}); evaluate with: selfsup evaluate {out} "
+          f"--data {cfg.data.name}")
+    return 0
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _print_table(rows) -> None:
+    if not rows:
+        print("(no results)")
+        return
+    header = ("model", "dataset", "protocol", "tap", "metric", "value", "seconds")
+    table = [(r.model, r.dataset, r.protocol, r.tap, r.metric, f"{r.value:.2f}" + (f" ± {r.ci:.2f}" if r.ci else ""),
+              f"{r.seconds:.1f}") for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
+    for line in (header, *table):
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)))
+
+
+def cmd_evaluate(args) -> int:
+    from selfsup.evaluate.features import load_encoder
+    from selfsup.evaluate.suite import evaluate_model
+    from selfsup.results.store import Store
+
+    store = Store(args.store)
+    rows = []
+    for model in args.models:
+        encoder = load_encoder(model)
+        rows += evaluate_model(encoder, args.data, args.protocol or ["knn", "linear"], store, tap=args.tap,
+                               resolution=args.resolution, device=_device(args.device), force=args.force)
+    _print_table(rows)
+    print(f"stored in {store.path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from selfsup import methods
+    from selfsup.config import load_config
+    from selfsup.evaluate.features import load_encoder, random_encoder
+    from selfsup.evaluate.suite import evaluate_model
+    from selfsup.results.store import Store
+    from selfsup.train.loop import pretrain
+
+    recipe = args.config or "bench"
+    overrides = [f"method.name={args.method}", f"data.name={args.data}", *args.overrides]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(recipe, overrides, base={"optim": methods.get(args.method).optim_defaults})
+    start = time.perf_counter()
+    out = pretrain(cfg, args.out)
+    trained = time.perf_counter() - start
+    store = Store(args.store)
+    protocols = args.protocol or ["knn", "linear"]
+    device = _device(args.device)
+    rows = []
+    for encoder in (load_encoder(out), random_encoder(cfg.backbone, seed=cfg.train.seed)):
+        rows += evaluate_model(encoder, args.data, protocols, store, device=device)
+    _print_table(rows)
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r.protocol, {})[r.model.startswith("random-init")] = r.value
+    for protocol, values in by_model.items():
+        if len(values) == 2:
+            print(f"{protocol}: pretrained {values[False]:.2f} vs random-init {values[True]:.2f} "
+                  f"({values[False] - values[True]:+.2f} points)")
+    print(f"pretraining took {trained / 60:.1f} min; results stored in {store.path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "methods":
+        from selfsup.methods import available
+    elif args.what == "backbones":
+        from selfsup.backbones import available
+    elif args.what == "datasets":
+        from selfsup.data.registry import names as available
+    else:
+        from selfsup.evaluate.suite import DESCRIPTIONS
+
+        def available():
+            return DESCRIPTIONS
+    entries = available()
+    width = max(len(k) for k in entries)
+    for name, text in entries.items():
+        print(f"{name.ljust(width)}  {text}")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from selfsup.results.store import Store, as_dict
+
+    filters = {k: v for k, v in (("model", args.model), ("dataset", args.dataset), ("protocol", args.protocol)) if v}
+    rows = Store(args.store).query(**filters)
+    if args.json:
+        for r in rows:
+            print(json.dumps(as_dict(r), default=str))
+    else:
+        _print_table(rows)
+    return 0
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "bench": cmd_bench, "list": cmd_list,
+            "results": cmd_results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # key=value overrides may come anywhere on the line, also after options: argparse leaves them unknown.
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
+        if "SELFSUP_DEBUG" in __import__("os").environ:
+            raise
+        print(f"selfsup {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Encoders and their cached features.
+
+An ``Encoder`` is a backbone with the input normalisation it was trained with and a hash of its
+weights. ``features`` encodes a dataset split once per (weights, dataset, split, tap, resolution)
+and caches the result in safetensors under ``$SELFSUP_HOME/cache/features``: every protocol after the
+first reads the cache, so evaluation never re-encodes an image it has already encoded.
+
+Preprocessing is Ericsson et al. 2021's for frozen protocols: the (square, cached) image is resized
+to the evaluation resolution with bicubic interpolation, no augmentation. Feature-map taps are
+global-average pooled to one vector per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from selfsup import backbones
+from selfsup.backbones.base import Backbone
+from selfsup.config import BackboneConfig, config_hash
+from selfsup.data import ImageSet
+from selfsup.paths import cache_dir
+from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
+
+
+@dataclass
+class Encoder:
+    backbone: Backbone
+    label: str                 # what tables call the model
+    weights_hash: str          # identifies the weights, so a retrained model is a new model
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _build(cfg: dict) -> Backbone:
+    bb = BackboneConfig(**cfg)
+    return backbones.build(bb.name, width=bb.width, cifar_stem=bb.cifar_stem, **bb.options)
+
+
+def random_encoder(backbone: BackboneConfig, seed: int = 0, label: str | None = None) -> Encoder:
+    """A randomly initialised copy of an architecture: the floor every pretrained model must beat."""
+    torch.manual_seed(seed)
+    cfg = asdict(backbone)
+    net = _build(cfg)
+    return Encoder(net, label or f"random-init {backbone.name}", "random-" + config_hash({**cfg, "seed": seed}),
+                   IMAGENET_MEAN, IMAGENET_STD)
+
+
+def load_encoder(path: str | Path, label: str | None = None) -> Encoder:
+    """Load a run directory (its exported ``backbone.safetensors``, else its latest checkpoint), or a
+    ``.safetensors`` backbone written by selfsup. Weights are read with safetensors: nothing unpickles."""
+    path = Path(path)
+    if path.is_dir() and (path / "backbone.safetensors").exists():
+        return load_encoder(path / "backbone.safetensors", label or path.name)
+    if path.is_dir():
+        return _from_checkpoint(path, label)
+    if path.suffix != ".safetensors" or not path.exists():
+        raise FileNotFoundError(f"{path} is neither a run directory nor a .safetensors backbone; pass the --out "
+                                f"directory of `selfsup pretrain` or its backbone.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "backbone" not in meta:
+        raise ValueError(f"{path} has no 'backbone' metadata: it was not written by selfsup. Convert it first "
+                         f"(a state_dict of a selfsup backbone plus metadata {{'backbone': json}}).")
+    net = _build(json.loads(meta["backbone"]))
+    net.load_state_dict(load_file(str(path)))
+    mean = tuple(json.loads(meta.get("mean", json.dumps(IMAGENET_MEAN))))
+    std = tuple(json.loads(meta.get("std", json.dumps(IMAGENET_STD))))
+    name = label or (path.parent.name if path.name == "backbone.safetensors" else path.stem)
+    return Encoder(net, name, _file_hash(path), mean, std)
+
+
+def _from_checkpoint(path: Path, label: str | None) -> Encoder:
+    """An unfinished run: the backbone part of its latest checkpoint (``step-*/model.safetensors``)."""
+    import yaml
+
+    from selfsup import methods
+    from selfsup.train import checkpoint
+
+    run = path.parent.parent if path.name.startswith("step-") else path
+    ckpt = path if path.name.startswith("step-") else checkpoint.latest(run)
+    if ckpt is None or not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{path} holds no selfsup checkpoint (expected config.yaml and checkpoints/step-*)")
+    with open(run / "config.yaml") as f:
+        cfg = yaml.safe_load(f)
+    net = _build(cfg["backbone"])
+    state = checkpoint.load_model_state(ckpt)
+    net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    mean, std = methods.input_normalization(cfg["method"])
+    return Encoder(net, label or f"{run.name}@{ckpt.name}", _file_hash(ckpt / "model.safetensors"), mean, std)
+
+
+@torch.no_grad()
+def encode(encoder: Encoder, images: np.ndarray, tap: str = "pre_logits", resolution: int | None = None,
+           device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """Features of uint8 N×H×W×3 images: resize (bicubic) to ``resolution``, normalise, forward to ``tap``,
+    average-pool feature maps. float32 N×D on the CPU."""
+    net = encoder.backbone.to(device).eval()
+    out = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+        x = to_float(x.permute(0, 3, 1, 2))
+        if resolution and x.shape[-1] != resolution:
+            x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False,
+                              antialias=True).clamp_(0, 1)
+        x = normalize(x, encoder.mean, encoder.std).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            f = net(x, taps=(tap,))[tap]
+        if f.ndim == 4:
+            f = f.mean(dim=(2, 3))
+        out.append(f.float().cpu())
+    return torch.cat(out)
+
+
+def features(encoder: Encoder, data: ImageSet, tap: str = "pre_logits", resolution: int | None = None,
+             device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached ``encode``: (features N×D float32, labels N int64)."""
+    key = config_hash({"weights": encoder.weights_hash, "mean": encoder.mean, "std": encoder.std,
+                       "data": data.name, "split": data.split, "shape": list(data.images.shape),
+                       "tap": tap, "resolution": resolution, "version": 1})
+    path = cache_dir("features") / f"{key}.safetensors"
+    if path.exists():
+        cached = load_file(str(path))
+        return cached["features"], cached["labels"]
+    x = encode(encoder, data.images, tap, resolution, device)
+    y = torch.as_tensor(np.asarray(data.labels), dtype=torch.int64)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"features": x, "labels": y}, str(tmp),
+              metadata={"model": encoder.label, "data": data.name, "split": data.split, "tap": tap})
+    tmp.replace(path)
+    return x, y
