@@ -74,7 +74,8 @@ class Store:
 
     def has(self, **key) -> bool:
         clause = self._where(key)
-        return self.db.execute(f"SELECT 1 FROM results WHERE {clause} LIMIT 1", tuple(key.values())).fetchone() is not None
+        row = self.db.execute(f"SELECT 1 FROM results WHERE {clause} LIMIT 1", tuple(key.values())).fetchone()
+        return row is not None
 
     def query(self, **filters) -> list[Result]:
         clause = self._where(filters)
