@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -132,6 +133,8 @@ def cmd_pretrain(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     out = pretrain(cfg, args.out)
+    if out is None:  # DDP: only global rank 0 reports
+        return 0
     print(f"done: {out} (backbone: {out / 'backbone.safetensors'}); evaluate with: selfsup evaluate {out} "
           f"--data {cfg.data.name}")
     return 0
@@ -186,6 +189,8 @@ def cmd_bench(args) -> int:
     cfg = load_config(recipe, overrides, base={"optim": methods.get(args.method).optim_defaults})
     start = time.perf_counter()
     out = pretrain(cfg, args.out)
+    if out is None:  # DDP: evaluation runs once, on global rank 0
+        return 0
     trained = time.perf_counter() - start
     store = Store(args.store)
     protocols = args.protocol or ["knn", "linear"]
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
-        if "SELFSUP_DEBUG" in __import__("os").environ:
+        if "SELFSUP_DEBUG" in os.environ:
             raise
         print(f"selfsup {args.command}: error: {err}", file=sys.stderr)
         return 2

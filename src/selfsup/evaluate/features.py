@@ -117,7 +117,7 @@ def encode(encoder: Encoder, images: np.ndarray, tap: str = "pre_logits", resolu
     out = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+        x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # a copy: memmaps are read-only
         x = to_float(x.permute(0, 3, 1, 2))
         if resolution and x.shape[-1] != resolution:
             x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False,
@@ -142,7 +142,7 @@ def features(encoder: Encoder, data: ImageSet, tap: str = "pre_logits", resoluti
         cached = load_file(str(path))
         return cached["features"], cached["labels"]
     x = encode(encoder, data.images, tap, resolution, device)
-    y = torch.as_tensor(np.asarray(data.labels), dtype=torch.int64)
+    y = torch.tensor(np.asarray(data.labels), dtype=torch.int64)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"features": x, "labels": y}, str(tmp),
               metadata={"model": encoder.label, "data": data.name, "split": data.split, "tap": tap})

@@ -102,8 +102,9 @@ def export_backbone(method, cfg: RunConfig, path: Path) -> None:
     tmp.replace(path)
 
 
-def pretrain(cfg: RunConfig, out: str | Path) -> Path:
-    """Train ``cfg.method`` on ``cfg.data`` into run directory ``out`` (resuming what is there)."""
+def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
+    """Train ``cfg.method`` on ``cfg.data`` into run directory ``out`` (resuming what is there).
+    Returns the run directory on global rank 0 and None on the other ranks."""
     out = Path(out)
     fabric = make_fabric(cfg)
     fabric.launch()
@@ -199,4 +200,4 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path:
             fabric.print(f"{out} is already complete ({total} steps)")
         export_backbone(raw, cfg, out / "backbone.safetensors")
     fabric.barrier()
-    return out
+    return out if fabric.is_global_zero else None

@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+
+from selfsup.cli import main
+
+
+def test_list_shows_registries(capsys):
+    for what, expected in (("methods", "simclr"), ("backbones", "resnet50"), ("datasets", "tinyimagenet100"),
+                           ("protocols", "linear")):
+        assert main(["list", what]) == 0
+        assert expected in capsys.readouterr().out
+
+
+def test_print_config_layers_recipe_flags_and_overrides(capsys):
+    assert main(["pretrain", "simclr", "--config", "small/simclr_cifar10", "--steps", "7", "--out", "x",
+                 "--print-config", "optim.lr=0.25", "method.temperature=0.2"]) == 0
+    text = capsys.readouterr().out
+    assert "temperature: 0.2" in text and "lr: 0.25" in text and "steps: 7" in text
+    assert "epochs: null" in text  # --steps outranks the recipe's epochs
+    assert "name: lars" in text    # from the recipe (and SimCLR's paper defaults)
+
+
+def test_errors_name_the_value_and_the_fix(capsys):
+    assert main(["pretrain", "nosuchmethod", "--out", "x"]) == 2
+    assert "unknown method 'nosuchmethod'; available: simclr" in capsys.readouterr().err
+    assert main(["pretrain", "simclr", "--out", "x", "--print-config", "optim.wd=1"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+
+
+def test_help_documents_every_pretrain_flag():
+    text = subprocess.run([sys.executable, "-m", "selfsup.cli", "pretrain", "--help"], capture_output=True,
+                          text=True, check=True).stdout
+    for flag in ("--data", "--backbone", "--steps", "--epochs", "--batch-size", "--out", "--checkpoint-every",
+                 "--devices", "--num-nodes", "--precision", "--compile", "key=value"):
+        assert flag in text
+
+
+def test_results_json_roundtrip(tmp_path, capsys):
+    from selfsup.results.store import Result, Store
+
+    store = tmp_path / "r.sqlite"
+    Store(store).put([Result("m", "h", "sample", "test", "knn", "pre_logits", "c", "top1", 42.0)])
+    assert main(["results", "--json", "--store", str(store)]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["value"] == 42.0 and row["protocol"] == "knn"
