@@ -96,7 +96,8 @@ def main() -> None:
     print(f"SimCLR ResNet-18 (width {args.width}) 32 px, batch {args.batch_size} on {result['device']}:")
     print(f"  selfsup (batched views)   {ours:8.1f} img/s")
     print(f"  per-image views baseline  {baseline:8.1f} img/s   -> selfsup is {ours / baseline:.2f}x")
-    print(f"  model only (no views)     {ceiling:8.1f} img/s   -> views take {100 * (1 - ours / ceiling):.1f}% of a step")
+    share = 100 * (1 - ours / ceiling)
+    print(f"  model only (no views)     {ceiling:8.1f} img/s   -> views take {share:.1f}% of a step")
     print(json.dumps(result))
 
 

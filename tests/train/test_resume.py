@@ -38,7 +38,8 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     assert not (killed / "backbone.safetensors").exists()
     _run(killed, env)
 
-    a, b = load_file(str(tmp_path / "straight" / "backbone.safetensors")), load_file(str(killed / "backbone.safetensors"))
+    a = load_file(str(tmp_path / "straight" / "backbone.safetensors"))
+    b = load_file(str(killed / "backbone.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
