@@ -1,6 +1,5 @@
-"""Each method learns on a small real subset: its pretext accuracy climbs well above chance."""
-
-import dataclasses
+"""Each method learns on a small real subset (the bundled CIFAR-10 sample): its pretext objective,
+measured on held-out images under fixed augmentation seeds, improves well beyond noise."""
 
 import torch
 
@@ -10,39 +9,49 @@ from selfsup.data import load
 from selfsup.train.optim import build_optimizer
 
 
-def _train(name, params, steps, batch, lr, optim="sgd"):
+def _images(split, n):
+    data = load("sample", split)
+    return torch.from_numpy(data.images[:n].copy()).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def _held_out(method, images):
+    """Pretext loss and accuracy on held-out images, eval-mode BN, the same augmentation draws each time."""
+    method.eval()
+    out = method(method.views(images, torch.arange(len(images)), torch.Generator().manual_seed(123)))
+    method.train()
+    return float(out["loss"]), float(out["pretext_acc"])
+
+
+def _train(name, params, steps, batch, optim):
     torch.manual_seed(0)
-    data = load("sample", "train")
-    images = torch.from_numpy(data.images[:1024]).permute(0, 3, 1, 2)
-    net = backbones.build("resnet18", width=0.25, cifar_stem=True)
-    method = methods.build(name, net, {"name": name, **params}, num_images=len(images))
-    opt = build_optimizer(method, dataclasses.replace(OptimConfig(), name=optim, weight_decay=1e-4), lr)
-    history = []
+    train, test = _images("train", 2048), _images("test", 256 if name == "simclr" else 128)
+    method = methods.build(name, backbones.build("resnet18", width=0.25, cifar_stem=True), {"name": name, **params},
+                           num_images=len(train))
+    before = _held_out(method, test)
+    opt = build_optimizer(method, optim, optim.lr)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
-        index = torch.randint(0, len(images), (batch,), generator=g)
-        out = method(method.views(images[index], index, g))
+        index = torch.randint(0, len(train), (batch,), generator=g)
+        loss = method(method.views(train[index], index, g))["loss"]
         opt.zero_grad()
-        out["loss"].backward()
+        loss.backward()
         opt.step()
-        history.append({k: float(v) for k, v in out.items()})
-    return history
-
-
-def _mean(history, key, part):
-    values = [h[key] for h in history]
-    n = len(values) // 4
-    return sum(values[:n] if part == "first" else values[-n:]) / n
+    return before, _held_out(method, test)
 
 
 def test_rotation_learns_to_tell_rotations():
-    history = _train("rotation", {"view": "simclr_cifar"}, steps=60, batch=32, lr=0.05)
-    assert _mean(history, "pretext_acc", "last") > 0.45       # chance is 0.25
-    assert _mean(history, "loss", "last") < _mean(history, "loss", "first") - 0.1
+    (loss0, acc0), (loss1, acc1) = _train("rotation", {"view": "simclr_cifar", "size": 24}, steps=50, batch=32,
+                                          optim=OptimConfig(name="sgd", lr=0.05, weight_decay=1e-4))
+    assert acc1 > 0.4 > acc0 + 0.1       # chance is 0.25
+    assert loss1 < loss0 - 0.15
 
 
 def test_simclr_learns_to_match_views():
-    history = _train("simclr", {"view": "simclr_cifar", "temperature": 0.5}, steps=60, batch=64, lr=0.1)
-    # Retrieval of the other view among 2N-1 = 127 candidates: chance is < 1 %.
-    assert _mean(history, "pretext_acc", "last") > 0.15
-    assert _mean(history, "loss", "last") < _mean(history, "loss", "first") - 0.3
+    (loss0, acc0), (loss1, acc1) = _train("simclr", {"view": "simclr_cifar", "temperature": 0.5, "size": 24},
+                                          steps=50, batch=128,
+                                          optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=1e-6))
+    # NT-Xent starts at about log(2·256 − 1) = 6.24 on the 256 held-out images; retrieval of a view's
+    # partner among the 511 others (chance 0.2 %) rises with it.
+    assert loss1 < loss0 - 0.3
+    assert acc1 > acc0
