@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from selfsup.durable import fsync_dir, fsync_path, write_json
 from selfsup.paths import cache_dir
 
 from . import sources
@@ -282,9 +283,9 @@ def _build(source: Source, split: str, size: int | None, on_error: str, final: P
     try:
         meta = _write(source, split, size, on_error, tmp)
         meta["key"] = final.name
-        _write_json(tmp / "meta.json", meta)  # last: its presence marks a finished cache
+        write_json(tmp / "meta.json", meta)  # last: its presence marks a finished cache
         (tmp / "owner.json").unlink()
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished the same cache first: use theirs
@@ -292,7 +293,7 @@ def _build(source: Source, split: str, size: int | None, on_error: str, final: P
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             return _read_meta(final) or meta
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return meta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -337,7 +338,7 @@ def _write(source: Source, split: str, size: int | None, on_error: str, out: Pat
     path = out / "images.u8"
     if pos < n:  # skipped files: drop the unused tail
         os.truncate(path, int(np.prod(shape)))
-    _fsync(path)
+    fsync_path(path)
     with open(out / "labels.npy", "wb") as f:
         np.save(f, labels[:pos])
         f.flush()
@@ -400,25 +401,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems (and Windows) cannot fsync a directory; the rename still holds
-        pass

@@ -22,15 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from selfsup.durable import fsync_dir, write_json
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -75,15 +69,12 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     if optimizer is not None:
         tensors, info["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         _write_tensors(tmp / "optim.safetensors", tensors)
-    with open(tmp / "meta.json", "w") as f:
-        json.dump(info, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    write_json(tmp / "meta.json", info)
+    fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. the final one) replaces it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
