@@ -99,7 +99,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "batch_size": args.batch_size, "width": args.width,
               "selfsup_img_s": round(ours, 1), "per_image_views_img_s": round(baseline, 1),
-              "model_only_img_s": round(ceiling, 1), "views_ms_per_step": round(views_ms, 1), "speedup_vs_per_image": round(ours / baseline, 2),
+              "model_only_img_s": round(ceiling, 1),
+              "views_ms_per_step": round(views_ms, 1), "speedup_vs_per_image": round(ours / baseline, 2),
               "slowdown_vs_model_only": round(1 - ours / ceiling, 3)}
     print(f"SimCLR ResNet-18 (width {args.width}) 32 px, batch {args.batch_size} on {result['device']}:")
     print(f"  selfsup (batched views)   {ours:8.1f} img/s")
