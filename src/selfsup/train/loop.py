@@ -147,7 +147,7 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
 
     log = MetricsLog(out / "metrics.csv", start) if fabric.is_global_zero else None
     progress = Progress(total, start, enabled=t.progress and fabric.is_global_zero)
-    order, order_epoch, last_log, step = None, -1, time.perf_counter(), start
+    order, order_epoch, last_log = None, -1, time.perf_counter()
     images_since_log = 0
     model.train()
     for step in range(start, total):
@@ -166,11 +166,14 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
             views = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in views.items()}
         out_step = model(views)
         loss = out_step["loss"]
-        if not torch.isfinite(loss.detach()):
+        bad = (~torch.isfinite(loss.detach())).float()
+        if world > 1:  # every rank must stop at the same step, or the others would hang in the next collective
+            bad = fabric.all_reduce(bad, reduce_op="sum")
+        if bad > 0:
             kept = checkpoint.latest(out)
             raise NonFiniteLoss(
-                f"loss became {loss.item()} at step {step} (lr {lr:.4g}); the run stopped before updating "
-                f"the weights. Last good checkpoint: {kept or 'none yet'}. Lower optim.lr or check the data.")
+                f"loss became {loss.item()} (on this rank) at step {step} (lr {lr:.4g}); the run stopped before "
+                f"updating the weights. Last good checkpoint: {kept or 'none yet'}. Lower optim.lr or check the data.")
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
         optimizer.step()
