@@ -1,5 +1,5 @@
-"""`selfsup pretrain` and `selfsup evaluate` on the real datasets under the data root (slow: decodes all
-of CIFAR-10 and Tiny ImageNet-100 once; run with `python -m pytest -m slow`)."""
+"""`selfsup pretrain` and `selfsup evaluate` on the real datasets under the data root (about 75 s: decodes
+all of CIFAR-10 and Tiny ImageNet-100 once)."""
 
 import pytest
 from conftest import requires_data
@@ -8,7 +8,6 @@ from selfsup.cli import main
 from selfsup.results.store import Store
 
 
-@pytest.mark.slow
 @requires_data
 @pytest.mark.parametrize("dataset", ["cifar10", "tinyimagenet100"])
 def test_pretrain_and_evaluate_through_the_data_root(tmp_path, dataset):
