@@ -64,9 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run directories of `selfsup pretrain`, or backbone .safetensors files")
     p.add_argument("--data", default="sample", help="dataset name or path (default: the bundled sample)")
-    p.add_argument("--protocol", action="append", choices=["knn", "linear"],
-                   help="protocol to run, repeatable (default: knn and linear)")
-    p.add_argument("--tap", default="pre_logits", help="which feature to probe (default pre_logits)")
+    p.add_argument("--protocol", action="append", choices=["knn", "linear", "mlp"],
+                   help="protocol to run, repeatable (default: knn and linear; see `selfsup list protocols`)")
+    p.add_argument("--tap", action="append", help="feature to probe, repeatable, or 'all' for every tap of the "
+                   "backbone (layer-wise, one encoding pass); feature maps are pooled to <= 9000 dims; "
+                   "default pre_logits")
     p.add_argument("--resolution", type=int, help="evaluation resolution (default: the images' own)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
@@ -167,7 +169,9 @@ def cmd_evaluate(args) -> int:
     rows = []
     for model in args.models:
         encoder = load_encoder(model)
-        rows += evaluate_model(encoder, args.data, args.protocol or ["knn", "linear"], store, tap=args.tap,
+        taps = args.tap or ["pre_logits"]
+        taps = tuple(encoder.backbone.taps) if "all" in taps else tuple(taps)
+        rows += evaluate_model(encoder, args.data, args.protocol or ["knn", "linear"], store, taps=taps,
                                resolution=args.resolution, device=_device(args.device), force=args.force)
     _print_table(rows)
     print(f"stored in {store.path}")

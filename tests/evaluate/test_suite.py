@@ -44,3 +44,34 @@ def test_figures_are_stored_once_and_features_encoded_once(tmp_path, monkeypatch
     forced = evaluate_model(encoder, "sample", ["knn"], store, force=True)      # recomputed from cached features
     assert forced[0].value == rows[0].value
     assert len(store.query()) == 2
+
+
+def test_taps_pooled_to_9000_dims_like_the_papers_code():
+    from selfsup.evaluate.features import pool_to_dims
+
+    fmap = torch.randn(2, 256, 56, 56)                  # ResNet-50 block1 at 224 px: 802,816 values
+    pooled = pool_to_dims(fmap)                         # kernel = stride = ceil(sqrt(802816 / 9000)) = 10
+    assert pooled.shape == (2, 256 * 5 * 5)
+    assert torch.equal(pooled[0, :25], fmap[0, 0, :50, :50].reshape(5, 10, 5, 10).amax(dim=(1, 3)).flatten())
+    small = torch.randn(2, 512, 4, 4)                   # 8,192 values: under the cap, flattened as is
+    assert torch.equal(pool_to_dims(small), small.flatten(1))
+
+
+def test_all_taps_come_from_one_forward_pass_and_the_cache():
+    import numpy as np
+
+    from selfsup.data import from_arrays
+    from selfsup.evaluate.features import tap_features
+
+    encoder = random_encoder(BackboneConfig("resnet18", 0.25, True), seed=1)   # block1: 16 × 32 × 32
+    data = from_arrays(np.random.default_rng(0).integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+                       np.arange(20) % 2)
+    calls = []
+    encoder.backbone.register_forward_hook(lambda *a: calls.append(1))
+    taps = tuple(encoder.backbone.taps)
+    first = tap_features(encoder, data, taps)
+    assert len(calls) == 1 and set(first) == set(taps)
+    assert first["block1"][0].shape[1] == 16 * 32 * 32 // 4   # 16,384 values -> 2×2 max pool -> 4,096
+    second = tap_features(encoder, data, taps)
+    assert len(calls) == 1                                     # everything from the cache
+    assert all(torch.equal(first[t][0], second[t][0]) for t in taps)

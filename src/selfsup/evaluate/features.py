@@ -6,14 +6,16 @@ and caches the result in safetensors under ``$SELFSUP_HOME/cache/features``: eve
 first reads the cache, so evaluation never re-encodes an image it has already encoded.
 
 Preprocessing is Ericsson et al. 2021's for frozen protocols: the (square, cached) image is resized
-to the evaluation resolution with bicubic interpolation, no augmentation. Feature-map taps are
-global-average pooled to one vector per image.
+to the evaluation resolution with bicubic interpolation, no augmentation. Feature-map taps are pooled
+to at most ~9,000 features as Kolesnikov et al.'s layer-wise evaluation does (``pool_to_dims``), and
+all requested taps come from one forward pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -108,13 +110,32 @@ def _from_checkpoint(path: Path, label: str | None) -> Encoder:
     return Encoder(net, label or f"{run.name}@{ckpt.name}", _file_hash(ckpt / "model.safetensors"), mean, std)
 
 
+MAX_DIMS = 9000  # Kolesnikov et al.'s layer-wise heads: each tap pooled to at most ~9,000 features
+
+
+def pool_to_dims(fmap: torch.Tensor, max_dims: int = MAX_DIMS, mode: str = "max") -> torch.Tensor:
+    """Flatten a B×C×H×W tap to at most ~``max_dims`` features, as Kolesnikov et al.'s evaluation code
+    (``utils.adaptive_pool``, ``pool_mode max`` in their configs): a map already under ``max_dims`` is
+    flattened as is; otherwise ``max``/``avg`` pool with kernel = stride = ceil(sqrt(C·H·W / max_dims)).
+    (Their ``adaptive_*`` modes use TF's pseudo-random fractional pooling; with features cached once we
+    keep the deterministic ``max``/``avg`` rule.) 2-D inputs (pre-logits) pass through."""
+    if fmap.ndim == 2:
+        return fmap
+    b, c, h, w = fmap.shape
+    if c * h * w > max_dims:
+        k = min(max(1, math.ceil(math.sqrt(c * h * w / max_dims))), h, w)
+        fmap = F.max_pool2d(fmap, k, k) if mode == "max" else F.avg_pool2d(fmap, k, k)
+    return fmap.flatten(1)
+
+
 @torch.no_grad()
-def encode(encoder: Encoder, images: np.ndarray, tap: str = "pre_logits", resolution: int | None = None,
-           device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
-    """Features of uint8 N×H×W×3 images: resize (bicubic) to ``resolution``, normalise, forward to ``tap``,
-    average-pool feature maps. float32 N×D on the CPU."""
+def encode(encoder: Encoder, images: np.ndarray, taps: tuple[str, ...] = ("pre_logits",),
+           resolution: int | None = None, device: str | torch.device = "cpu", batch_size: int = 256,
+           pool: str = "max") -> dict[str, torch.Tensor]:
+    """Features of uint8 N×H×W×3 images at every tap in ``taps``, in one forward pass per batch: resize
+    (bicubic) to ``resolution``, normalise, forward, pool feature maps (``pool_to_dims``). float32 on the CPU."""
     net = encoder.backbone.to(device).eval()
-    out = []
+    out: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # a copy: memmaps are read-only
@@ -124,27 +145,42 @@ def encode(encoder: Encoder, images: np.ndarray, tap: str = "pre_logits", resolu
                               antialias=True).clamp_(0, 1)
         x = normalize(x, encoder.mean, encoder.std).contiguous(memory_format=torch.channels_last)
         with autocast:
-            f = net(x, taps=(tap,))[tap]
-        if f.ndim == 4:
-            f = f.mean(dim=(2, 3))
-        out.append(f.float().cpu())
-    return torch.cat(out)
+            maps = net(x, taps=tuple(taps))
+        for tap in taps:
+            out[tap].append(pool_to_dims(maps[tap].float(), mode=pool).cpu())
+    return {tap: torch.cat(parts) for tap, parts in out.items()}
+
+
+def _cache_path(encoder: Encoder, data: ImageSet, tap: str, resolution: int | None, pool: str) -> Path:
+    key = config_hash({"weights": encoder.weights_hash, "mean": encoder.mean, "std": encoder.std,
+                       "data": data.name, "split": data.split, "shape": list(data.images.shape), "tap": tap,
+                       "resolution": resolution, "pool": pool, "max_dims": MAX_DIMS, "version": 2})
+    return cache_dir("features") / f"{key}.safetensors"
+
+
+def tap_features(encoder: Encoder, data: ImageSet, taps: tuple[str, ...], resolution: int | None = None,
+                 device: str | torch.device = "cpu", pool: str = "max") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Cached features of several taps: cached ones are read, the missing ones encoded in a single pass.
+    Returns tap -> (features N×D float32, labels N int64)."""
+    paths = {tap: _cache_path(encoder, data, tap, resolution, pool) for tap in taps}
+    result = {}
+    for tap, path in paths.items():
+        if path.exists():
+            cached = load_file(str(path))
+            result[tap] = (cached["features"], cached["labels"])
+    missing = tuple(t for t in taps if t not in result)
+    if missing:
+        y = torch.tensor(np.asarray(data.labels), dtype=torch.int64)
+        for tap, x in encode(encoder, data.images, missing, resolution, device, pool=pool).items():
+            tmp = paths[tap].with_suffix(f".tmp{os.getpid()}")
+            save_file({"features": x, "labels": y}, str(tmp),
+                      metadata={"model": encoder.label, "data": data.name, "split": data.split, "tap": tap})
+            tmp.replace(paths[tap])
+            result[tap] = (x, y)
+    return result
 
 
 def features(encoder: Encoder, data: ImageSet, tap: str = "pre_logits", resolution: int | None = None,
              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached ``encode``: (features N×D float32, labels N int64)."""
-    key = config_hash({"weights": encoder.weights_hash, "mean": encoder.mean, "std": encoder.std,
-                       "data": data.name, "split": data.split, "shape": list(data.images.shape),
-                       "tap": tap, "resolution": resolution, "version": 1})
-    path = cache_dir("features") / f"{key}.safetensors"
-    if path.exists():
-        cached = load_file(str(path))
-        return cached["features"], cached["labels"]
-    x = encode(encoder, data.images, tap, resolution, device)
-    y = torch.tensor(np.asarray(data.labels), dtype=torch.int64)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"features": x, "labels": y}, str(tmp),
-              metadata={"model": encoder.label, "data": data.name, "split": data.split, "tap": tap})
-    tmp.replace(path)
-    return x, y
+    """Cached features of one tap: (features N×D float32, labels N int64)."""
+    return tap_features(encoder, data, (tap,), resolution, device)[tap]

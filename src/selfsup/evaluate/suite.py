@@ -20,10 +20,11 @@ import torch
 from selfsup.config import config_hash
 from selfsup.data import load
 from selfsup.data.registry import resolve, train_val_split
-from selfsup.evaluate.features import Encoder, features
+from selfsup.evaluate.features import Encoder, tap_features
 from selfsup.evaluate.knn import knn_predict
 from selfsup.evaluate.linear import linear_probe
 from selfsup.evaluate.metrics import score
+from selfsup.evaluate.mlp import MLPConfig, mlp_probe
 from selfsup.results.store import Result, Store
 
 
@@ -76,53 +77,69 @@ def run_linear(s: Splits, cfg: LinearConfig, device) -> tuple[float, dict]:
     return r.test_score, extra
 
 
+def run_mlp(s: Splits, cfg: MLPConfig, device) -> tuple[float, dict]:
+    train, val = s.train_and_val()
+    r = mlp_probe(train, val, s.test, s.num_classes, metric=s.metric, cfg=cfg, device=device)
+    return r["value"], {"best_wd": r["best_wd"], "val_scores": r["val_scores"]}
+
+
 PROTOCOLS: dict[str, tuple[type, Callable]] = {
     "knn": (KNNConfig, run_knn),
     "linear": (LinearConfig, run_linear),
+    "mlp": (MLPConfig, run_mlp),
 }
 
 DESCRIPTIONS = {
     "knn": "weighted kNN on frozen features (Wu et al. 2018: k=200, T=0.1, cosine)",
     "linear": "many-shot linear probe (Ericsson et al. 2021 §3: L-BFGS, 45 L2 strengths, val-selected, refit)",
+    "mlp": "MLP probe (Kolesnikov et al. 2019: 1000 hidden, ReLU, dropout 0.5, SGD 70 epochs) on frozen features",
 }
 
 
-def load_splits(encoder: Encoder, dataset: str, tap: str, resolution: int | None, device,
-                size: int | None = None) -> Splits:
+def load_splits(encoder: Encoder, dataset: str, taps: tuple[str, ...], resolution: int | None, device,
+                size: int | None = None) -> dict[str, Splits]:
+    """Cached features of every split for every tap (one encoding pass per split for all taps)."""
     spec = resolve(dataset)
     if spec.test_split is None:
         raise ValueError(f"dataset {dataset} has no test or val split to score on (splits: {spec.splits})")
 
     def encoded(split):
-        data = load(dataset, split, size=size)
-        return features(encoder, data, tap, resolution, device)
+        return tap_features(encoder, load(dataset, split, size=size), taps, resolution, device)
 
+    train, test = encoded(spec.train_split), encoded(spec.test_split)
     val = encoded(spec.val_split) if spec.val_split else None
-    return Splits(encoded(spec.train_split), val, encoded(spec.test_split), spec.num_classes, spec.metric)
+    return {t: Splits(train[t], val[t] if val else None, test[t], spec.num_classes, spec.metric) for t in taps}
 
 
-def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: Store, tap: str = "pre_logits",
-                   resolution: int | None = None, device: str = "cpu", force: bool = False,
-                   overrides: dict | None = None) -> list[Result]:
-    """Run ``protocols`` for ``encoder`` on ``dataset``; returns (and stores) the new rows plus the rows
-    already in the store for the same settings."""
+def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: Store,
+                   taps: tuple[str, ...] = ("pre_logits",), resolution: int | None = None, device: str = "cpu",
+                   force: bool = False, overrides: dict | None = None) -> list[Result]:
+    """Run ``protocols`` on every tap in ``taps`` for ``encoder`` on ``dataset``. Returns the rows in
+    (tap, protocol) order: new ones (also stored) and those already in the store for the same settings."""
     spec = resolve(dataset)
-    results, splits = [], None
-    for name in protocols:
-        if name not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}")
-        cfg_cls, fn = PROTOCOLS[name]
-        cfg = cfg_cls(**(overrides or {}).get(name, {}))
-        settings = {**asdict(cfg), "resolution": resolution}
-        key = dict(model=encoder.label, model_hash=encoder.weights_hash, dataset=spec.name, split=spec.test_split,
-                   protocol=name, tap=tap, config_hash=config_hash(settings))
-        if not force and store.has(**key):
-            results += store.query(**key)
+    unknown = [t for t in taps if t not in encoder.backbone.taps]
+    if unknown:
+        raise ValueError(f"unknown tap(s) {unknown}; {encoder.label} has: {', '.join(encoder.backbone.taps)}")
+    planned = []
+    for tap in taps:
+        for name in protocols:
+            if name not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}")
+            cfg = PROTOCOLS[name][0](**(overrides or {}).get(name, {}))
+            settings = {**asdict(cfg), "resolution": resolution}
+            key = dict(model=encoder.label, model_hash=encoder.weights_hash, dataset=spec.name,
+                       split=spec.test_split, protocol=name, tap=tap, config_hash=config_hash(settings))
+            stored = [] if force else store.query(**key)
+            planned.append((tap, name, cfg, settings, key, stored))
+    needed = tuple(dict.fromkeys(tap for tap, *_, stored in planned if not stored))
+    splits = load_splits(encoder, dataset, needed, resolution, device) if needed else {}
+    results = []
+    for tap, name, cfg, settings, key, stored in planned:
+        if stored:
+            results += stored
             continue
-        if splits is None:
-            splits = load_splits(encoder, dataset, tap, resolution, device)
         start = time.perf_counter()
-        value, extra = fn(splits, cfg, device)
+        value, extra = PROTOCOLS[name][1](splits[tap], cfg, device)
         row = Result(**key, metric=spec.metric, value=value, seconds=time.perf_counter() - start,
                      config=settings, extra=extra)
         store.put([row])
