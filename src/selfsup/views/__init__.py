@@ -1,7 +1,9 @@
 """Views: batched, on-device augmentation with per-sample parameters drawn from an explicit generator.
 
 ``augment`` holds geometry (random resized crop + flip, rotations), blur and the declarative
-``ViewConfig``/``make_view`` layer with the SimCLR presets; ``color`` holds the photometric ops.
+``ViewConfig``/``make_view`` layer with the SimCLR presets; ``color`` holds the photometric ops;
+``patches`` the 3×3 patch geometry of the patch-based tasks (Relative Patch Location, Jigsaw, PIRL);
+``permutations`` the maximal-Hamming jigsaw permutation sets. Import those two from their modules.
 """
 
 from .augment import (
