@@ -33,6 +33,7 @@ from selfsup.config import BackboneConfig, config_hash
 from selfsup.data import ImageSet
 from selfsup.paths import cache_dir
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
+from selfsup.views.patches import standardize_patches
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Encoder:
     weights_hash: str          # identifies the weights, so a retrained model is a new model
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    standardize: bool = False  # per-image standardisation instead of mean/std (patch-trained models)
 
 
 def _file_hash(path: Path) -> str:
@@ -86,8 +88,9 @@ def load_encoder(path: str | Path, label: str | None = None) -> Encoder:
     net.load_state_dict(load_file(str(path)))
     mean = tuple(json.loads(meta.get("mean", json.dumps(IMAGENET_MEAN))))
     std = tuple(json.loads(meta.get("std", json.dumps(IMAGENET_STD))))
+    standardize = json.loads(meta.get("standardize", "false"))
     name = label or (path.parent.name if path.name == "backbone.safetensors" else path.stem)
-    return Encoder(net, name, _file_hash(path), mean, std)
+    return Encoder(net, name, _file_hash(path), mean, std, standardize)
 
 
 def _from_checkpoint(path: Path, label: str | None) -> Encoder:
@@ -106,8 +109,9 @@ def _from_checkpoint(path: Path, label: str | None) -> Encoder:
     net = _build(cfg["backbone"])
     state = checkpoint.load_model_state(ckpt)
     net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
-    mean, std = methods.input_normalization(cfg["method"])
-    return Encoder(net, label or f"{run.name}@{ckpt.name}", _file_hash(ckpt / "model.safetensors"), mean, std)
+    mean, std, standardize = methods.input_normalization(cfg["method"])
+    return Encoder(net, label or f"{run.name}@{ckpt.name}", _file_hash(ckpt / "model.safetensors"), mean, std,
+                   standardize)
 
 
 MAX_DIMS = 9000  # Kolesnikov et al.'s layer-wise heads: each tap pooled to at most ~9,000 features
@@ -143,7 +147,8 @@ def encode(encoder: Encoder, images: np.ndarray, taps: tuple[str, ...] = ("pre_l
         if resolution and x.shape[-1] != resolution:
             x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False,
                               antialias=True).clamp_(0, 1)
-        x = normalize(x, encoder.mean, encoder.std).contiguous(memory_format=torch.channels_last)
+        x = standardize_patches(x) if encoder.standardize else normalize(x, encoder.mean, encoder.std)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             maps = net(x, taps=tuple(taps))
         for tap in taps:
@@ -153,6 +158,7 @@ def encode(encoder: Encoder, images: np.ndarray, taps: tuple[str, ...] = ("pre_l
 
 def _cache_path(encoder: Encoder, data: ImageSet, tap: str, resolution: int | None, pool: str) -> Path:
     key = config_hash({"weights": encoder.weights_hash, "mean": encoder.mean, "std": encoder.std,
+                       "standardize": encoder.standardize,
                        "data": data.name, "split": data.split, "shape": list(data.images.shape), "tap": tap,
                        "resolution": resolution, "pool": pool, "max_dims": MAX_DIMS, "version": 2})
     return cache_dir("features") / f"{key}.safetensors"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from selfsup.methods.base import Method
+from selfsup.methods.exemplar import Exemplar
+from selfsup.methods.jigsaw import Jigsaw
+from selfsup.methods.relative_patch import RelativePatchLocation
 from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw)}
 
 
 def get(name: str) -> type[Method]:
@@ -24,12 +27,7 @@ def build(name: str, backbone, params: dict, num_images: int) -> Method:
     return cls(backbone, cls.make_config(params), num_images)
 
 
-def input_normalization(params: dict) -> tuple[tuple, tuple]:
-    """(mean, std) the method fed its backbone, which evaluation must reuse for the same features."""
-    from selfsup.views.augment import PRESETS
-
+def input_normalization(params: dict) -> tuple[tuple, tuple, bool]:
+    """(mean, std, standardize) the method fed its backbone, which evaluation must reuse for the same features."""
     cls = get(params["name"])
-    view = PRESETS[cls.make_config(params).view]
-    if view.mean is None:
-        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    return tuple(view.mean), tuple(view.std)
+    return cls.input_stats(cls.make_config(params))

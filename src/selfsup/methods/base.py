@@ -49,6 +49,18 @@ class Method(nn.Module, abc.ABC):
         """Called after the optimiser step; default no-op."""
 
     @classmethod
+    def input_stats(cls, cfg: Any) -> tuple[tuple, tuple, bool]:
+        """(mean, std, standardize) of what the backbone was fed, which evaluation must reproduce:
+        per-channel normalisation, or per-image standardisation when ``standardize`` is True.
+        Default: the mean/std of the method's view preset (``cfg.view``)."""
+        from selfsup.views.augment import PRESETS
+
+        view = PRESETS[cfg.view]
+        if view.mean is None:
+            return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False
+        return tuple(view.mean), tuple(view.std), False
+
+    @classmethod
     def make_config(cls, params: dict) -> Any:
         """The method's Config from a mapping, naming unknown keys and listing the valid ones."""
         params = {k: v for k, v in params.items() if k != "name"}

@@ -93,9 +93,9 @@ def export_backbone(method, cfg: RunConfig, path: Path) -> None:
     ``selfsup evaluate`` and other tools can rebuild it without this run's config."""
     import json
 
-    mean, std = methods.input_normalization(cfg.method)
+    mean, std, standardize = methods.input_normalization(cfg.method)
     meta = {"backbone": json.dumps(to_dict(cfg.backbone)), "method": cfg.method["name"], "format": "selfsup-1",
-            "mean": json.dumps(mean), "std": json.dumps(std)}
+            "mean": json.dumps(mean), "std": json.dumps(std), "standardize": json.dumps(standardize)}
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in method.backbone.state_dict().items()},
               str(tmp), metadata=meta)

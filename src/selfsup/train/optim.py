@@ -51,16 +51,18 @@ class LARS(torch.optim.Optimizer):
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_norm_and_bias: bool) -> list[dict]:
     """Split parameters so that biases and normalisation weights (1-d tensors) can skip weight decay
-    and LARS adaptation, as SimCLR, BYOL and VISSL's PIRL recipe do."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    and LARS adaptation, as SimCLR, BYOL and VISSL's PIRL recipe do. A method may set
+    ``weight_decay_overrides = {"head.": 5e-4}``: parameters whose name starts with a prefix get that
+    decay (e.g. the patch tasks' fc head, Kolesnikov et al.'s code)."""
+    overrides: dict[str, float] = getattr(model, "weight_decay_overrides", {})
+    buckets: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if exclude_norm_and_bias and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars": False})
-    return groups
+        wd = next((v for prefix, v in overrides.items() if name.startswith(prefix)), weight_decay)
+        plain = exclude_norm_and_bias and p.ndim <= 1
+        buckets.setdefault((0.0, False) if plain else (wd, True), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lars": lars} for (wd, lars), ps in buckets.items()]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

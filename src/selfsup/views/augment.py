@@ -285,12 +285,27 @@ INCEPTION_ROTATION = ViewConfig(
     std=(0.5, 0.5, 0.5),
 )
 
+#: Inception preprocessing of the Revisiting Exemplar config (Kolesnikov et al. 2019, public code
+#: ``crop_inception_preprocess_patches``: TF-slim ``preprocess_for_train``, fast mode, once per copy). As
+#: ``INCEPTION_ROTATION`` except the crop scale: slim's ``distorted_bounding_box_crop`` also asks the crop to
+#: cover ``min_object_covered = 0.1`` of the (whole-image) box, so crops cover 10-100 % of the image.
+#: Grayscale (p 0.66, once per image) and per-copy standardisation live in ``methods.exemplar``.
+EXEMPLAR = ViewConfig(
+    size=224,
+    crop_scale=(0.1, 1.0),
+    jitter=(0.125, 0.0, 0.5, 0.0),
+    jitter_p=1.0,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+)
+
 #: Presets by the name a method config uses (``method.view``).
 PRESETS: dict[str, ViewConfig] = {
     "simclr": SIMCLR,
     "simclr_cifar": SIMCLR_CIFAR,
     "inception_crop_flip": INCEPTION_CROP_FLIP,
     "inception_rotation": INCEPTION_ROTATION,
+    "exemplar": EXEMPLAR,
 }
 
 
