@@ -4,9 +4,9 @@
 Every image of the batch appears under all four rotations, 0°, 90°, 180° and 270°, with labels
 0–3 (a batch of 64 images is 256 samples), and a linear layer on the pre-logits is trained with a
 4-way softmax cross-entropy. Augmentation before rotating is Inception-style (their public config
-``inception_preprocess,rotate``): a random crop covering 5–100 % of the image with aspect ratio
-3/4–4/3, a horizontal flip and a mild colour distortion (brightness and saturation in random
-order), values scaled to [−1, 1]. Deviation, documented: slim's brightness change is additive
+``inception_preprocess,rotate``): a random crop covering 10–100 % of the image with aspect ratio
+3/4–4/3, a horizontal flip and a mild colour distortion (brightness, then saturation), values
+scaled to [−1, 1] (``views.augment.INCEPTION_SLIM``). Deviation, documented: slim's brightness change is additive
 (±32/255), ours is the multiplicative factor of ``views.augment.color_jitter`` (±0.125).
 
 Optimisation as their configs: SGD momentum 0.9, lr 0.1 × batch/256, weight decay 1e-4, 5 warmup

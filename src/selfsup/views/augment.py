@@ -244,6 +244,7 @@ class ViewConfig:
     flip_p: float = 0.5
     jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     jitter_p: float = 0.0
+    jitter_random_order: bool = True  # torchvision's ColorJitter; False = brightness, contrast, saturation, hue
     gray_p: float = 0.0
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -271,33 +272,24 @@ SIMCLR_CIFAR = ViewConfig(size=32, jitter=simclr_jitter(0.5), jitter_p=0.8, gray
 #: augmentation, torchvision's RandomResizedCrop + RandomHorizontalFlip).
 INCEPTION_CROP_FLIP = ViewConfig(size=224)
 
-#: Inception preprocessing of the Revisiting rotation configs (Kolesnikov et al. 2019, public code
-#: ``inception_preprocess``, i.e. TF-slim ``preprocess_for_train`` in fast mode): crop covering
-#: 5-100 % of the image, ratio 3/4-4/3, flip, brightness and saturation in random order, always
-#: applied, values scaled to [-1, 1]. Slim's brightness is additive (max delta 32/255); ours is the
-#: multiplicative factor U[1 - 0.125, 1 + 0.125]. Saturation U[0.5, 1.5] as slim.
-INCEPTION_ROTATION = ViewConfig(
-    size=224,
-    crop_scale=(0.05, 1.0),
-    jitter=(0.125, 0.0, 0.5, 0.0),
-    jitter_p=1.0,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-)
-
-#: Inception preprocessing of the Revisiting Exemplar config (Kolesnikov et al. 2019, public code
-#: ``crop_inception_preprocess_patches``: TF-slim ``preprocess_for_train``, fast mode, once per copy). As
-#: ``INCEPTION_ROTATION`` except the crop scale: slim's ``distorted_bounding_box_crop`` also asks the crop to
-#: cover ``min_object_covered = 0.1`` of the (whole-image) box, so crops cover 10-100 % of the image.
-#: Grayscale (p 0.66, once per image) and per-copy standardisation live in ``methods.exemplar``.
-EXEMPLAR = ViewConfig(
+#: Inception preprocessing of the Revisiting rotation and exemplar configs (Kolesnikov et al. 2019, public
+#: code ``inception_preprocess``, i.e. TF-slim ``preprocess_for_train`` in fast mode): slim's
+#: ``distorted_bounding_box_crop`` (area 5-100 %, but it must also cover ``min_object_covered = 0.1`` of
+#: the whole-image box, so 10-100 % in effect), ratio 3/4-4/3, flip, then brightness followed by
+#: saturation (fast mode has one fixed order), always applied, values scaled to [-1, 1]. Slim's
+#: brightness is additive (max delta 32/255); ours is the multiplicative factor U[1 - 0.125, 1 + 0.125].
+#: Saturation U[0.5, 1.5] as slim. Exemplar's grayscale (p 0.66, once per image) and per-copy
+#: standardisation live in ``methods.exemplar``.
+INCEPTION_SLIM = ViewConfig(
     size=224,
     crop_scale=(0.1, 1.0),
     jitter=(0.125, 0.0, 0.5, 0.0),
     jitter_p=1.0,
+    jitter_random_order=False,
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),
 )
+INCEPTION_ROTATION = EXEMPLAR = INCEPTION_SLIM
 
 #: Presets by the name a method config uses (``method.view``).
 PRESETS: dict[str, ViewConfig] = {
@@ -319,7 +311,7 @@ def make_view(x: Tensor, cfg: ViewConfig, *, g: torch.Generator) -> Tensor:
     v = to_float(x)
     v = random_resized_crop(v, cfg.size, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p, g=g)
     if cfg.jitter_p > 0 and any(s != 0 for s in cfg.jitter):
-        v = color_jitter(v, *cfg.jitter, p=cfg.jitter_p, g=g)
+        v = color_jitter(v, *cfg.jitter, p=cfg.jitter_p, g=g, random_order=cfg.jitter_random_order)
     if cfg.gray_p > 0:
         v = random_grayscale(v, cfg.gray_p, g=g)
     if cfg.blur_p > 0:
