@@ -4,6 +4,7 @@
                      --out DIR [key=value ...]
     selfsup evaluate RUN_DIR_OR_CHECKPOINT... --data NAME|PATH [--protocol knn|linear ...]
     selfsup bench                       pretrain on the bundled sample, evaluate it and a random-init copy
+    selfsup sweep SWEEP.yaml            a grid of runs (method × backbone × width × seed) and their evaluation
     selfsup list methods|backbones|datasets|protocols
     selfsup results [--json]
 """
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", action="append", choices=["knn", "linear"], help="default: knn and linear")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_store(p)
+
+    p = sub.add_parser("sweep", help="a grid of pretraining runs and their evaluation from one YAML; re-running "
+                       "resumes it and skips what is in the results store")
+    p.add_argument("config", help="sweep YAML (a path, or a shipped one such as revisiting/small_sweep)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     _add_store(p)
 
     p = sub.add_parser("list", help="list methods, backbones, datasets or protocols")
@@ -214,6 +221,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from selfsup.results.store import Store
+    from selfsup.sweep import run_sweep
+
+    store = Store(args.store)
+    rows = run_sweep(args.config, store, device=_device(args.device))
+    _print_table(rows)
+    print(f"stored in {store.path}")
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "methods":
         from selfsup.methods import available
@@ -246,8 +264,8 @@ def cmd_results(args) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "bench": cmd_bench, "list": cmd_list,
-            "results": cmd_results}
+COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "bench": cmd_bench, "sweep": cmd_sweep,
+            "list": cmd_list, "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

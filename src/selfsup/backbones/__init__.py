@@ -8,6 +8,11 @@ The four architecture families of Kolesnikov et al. 2019 (§3), plus shallower d
 
 Every backbone exposes ``taps`` (name -> channels, in forward order) ``after_root``, ``block1`` …
 ``block4`` (VGG also ``fc6``) and ``pre_logits``, and ``out_dim`` (the pre-logits size).
+
+``build(..., representation_dim=d)`` is Kolesnikov et al. 2019's representation-size study:
+one extra linear layer sets the pre-logits size to ``d`` independently of the width k (RevNet-50
+Rotation: a thin model goes from 31% to 43% by representation size alone). The family's pooled vector
+then becomes the ``"pooled"`` tap, just before ``"pre_logits"``; see :meth:`Backbone.add_representation`.
 """
 
 from __future__ import annotations
@@ -85,13 +90,24 @@ def available() -> dict[str, str]:
     return {name: desc for name, (_, desc) in _REGISTRY.items()}
 
 
-def build(name: str, width: float = 1.0, cifar_stem: bool = False, **kw: Any) -> Backbone:
+def build(
+    name: str,
+    width: float = 1.0,
+    cifar_stem: bool = False,
+    representation_dim: int | None = None,
+    **kw: Any,
+) -> Backbone:
     """Build a backbone by name.
 
     Args:
         name: one of :func:`available` (case-insensitive).
         width: the paper's k / 4 for ResNet/RevNet, k / 8 for VGG; 1.0 is the published network.
         cifar_stem: 3×3 stride-1 root, no max-pool (ResNet/RevNet); 1×1 pool before fc6 (VGG).
+        representation_dim: the representation-size study of Kolesnikov et al. 2019 ("Revisiting
+            Self-Supervised Visual Representation Learning", CVPR 2019): when set, the pooled features pass
+            through one extra linear layer (bias, no BN/activation) to this many dims, which becomes the
+            ``"pre_logits"`` tap and ``out_dim``; the previous pooled vector is the ``"pooled"`` tap.
+            ``None`` (default) builds the plain family network with unchanged state-dict keys.
         **kw: family options: ``first_conv_stride1``, ``last_stage_stride1``, ``final_relu``,
             ``zero_init_residual`` (ResNet/RevNet), ``memory_saving`` (RevNet).
     """
@@ -99,4 +115,7 @@ def build(name: str, width: float = 1.0, cifar_stem: bool = False, **kw: Any) ->
     if key not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(_REGISTRY)}")
     factory, _ = _REGISTRY[key]
-    return factory(width=width, cifar_stem=cifar_stem, **kw)
+    net = factory(width=width, cifar_stem=cifar_stem, **kw)
+    if representation_dim is not None:
+        net.add_representation(representation_dim)
+    return net

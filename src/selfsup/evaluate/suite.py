@@ -113,9 +113,10 @@ def load_splits(encoder: Encoder, dataset: str, taps: tuple[str, ...], resolutio
 
 def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: Store,
                    taps: tuple[str, ...] = ("pre_logits",), resolution: int | None = None, device: str = "cpu",
-                   force: bool = False, overrides: dict | None = None) -> list[Result]:
+                   force: bool = False, overrides: dict | None = None, tags: dict | None = None) -> list[Result]:
     """Run ``protocols`` on every tap in ``taps`` for ``encoder`` on ``dataset``. Returns the rows in
-    (tap, protocol) order: new ones (also stored) and those already in the store for the same settings."""
+    (tap, protocol) order: new ones (also stored) and those already in the store for the same settings.
+    ``tags`` (e.g. a sweep cell's coordinates) are kept in each new row's ``extra``."""
     spec = resolve(dataset)
     unknown = [t for t in taps if t not in encoder.backbone.taps]
     if unknown:
@@ -141,7 +142,7 @@ def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: 
         start = time.perf_counter()
         value, extra = PROTOCOLS[name][1](splits[tap], cfg, device)
         row = Result(**key, metric=spec.metric, value=value, seconds=time.perf_counter() - start,
-                     config=settings, extra=extra)
+                     config=settings, extra={**extra, **(tags or {})})
         store.put([row])
         results.append(row)
     return results
