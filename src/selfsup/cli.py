@@ -5,6 +5,7 @@
     selfsup evaluate RUN_DIR_OR_CHECKPOINT... --data NAME|PATH [--protocol knn|linear ...]
     selfsup bench                       pretrain on the bundled sample, evaluate it and a random-init copy
     selfsup sweep SWEEP.yaml            a grid of runs (method × backbone × width × seed) and their evaluation
+    selfsup report [--out report.html]  one self-contained HTML page from the results store
     selfsup list methods|backbones|datasets|protocols
     selfsup results [--json]
 """
@@ -91,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                        "resumes it and skips what is in the results store")
     p.add_argument("config", help="sweep YAML (a path, or a shipped one such as revisiting/small_sweep)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    _add_store(p)
+
+    p = sub.add_parser("report", help="write one self-contained HTML page (tables and figures) from the results store")
+    p.add_argument("--out", default="report.html", help="HTML file or directory (default report.html)")
     _add_store(p)
 
     p = sub.add_parser("list", help="list methods, backbones, datasets or protocols")
@@ -232,6 +237,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from selfsup.results.report import build_report
+    from selfsup.results.store import Store
+
+    print(f"report: {build_report(Store(args.store), args.out)}")
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "methods":
         from selfsup.methods import available
@@ -265,7 +278,7 @@ def cmd_results(args) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "bench": cmd_bench, "sweep": cmd_sweep,
-            "list": cmd_list, "results": cmd_results}
+            "report": cmd_report, "list": cmd_list, "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

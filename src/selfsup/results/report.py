@@ -1,0 +1,136 @@
+"""`selfsup report`: one self-contained HTML page (inline PNG figures, no network) built from the results
+store, never from printed output.
+
+What it draws depends on what the store holds:
+
+- always: a table per (dataset, protocol) of models × taps, the best value of each column marked;
+- for sweep rows (``extra["cell"]``, Kolesnikov et al. 2019's study): top-1 against width per method, one
+  panel per architecture (their Fig. 2/3); top-1 by layer per architecture (their layer-wise figure);
+  linear against MLP probe, one point per model (their "linear and MLP probes rank alike").
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from pathlib import Path
+
+from selfsup.results.store import Result, Store
+
+TAP_ORDER = ("after_root", "block1", "block2", "block3", "block4", "fc6", "pooled", "pre_logits")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _tables(rows: list[Result]) -> str:
+    groups: dict[tuple, list[Result]] = defaultdict(list)
+    for r in rows:
+        groups[(r.dataset, r.protocol, r.metric)].append(r)
+    parts = []
+    for (dataset, protocol, metric), group in sorted(groups.items()):
+        taps = sorted({r.tap for r in group}, key=lambda t: (TAP_ORDER.index(t) if t in TAP_ORDER else 99, t))
+        models = sorted({r.model for r in group})
+        value = {(r.model, r.tap): r for r in group}
+        best = {t: max((value[(m, t)].value for m in models if (m, t) in value), default=None) for t in taps}
+        head = "".join(f"<th>{html.escape(t)}</th>" for t in taps)
+        body = []
+        for m in models:
+            cells = []
+            for t in taps:
+                r = value.get((m, t))
+                if r is None:
+                    cells.append("<td></td>")
+                    continue
+                text = f"{r.value:.2f}" + (f" ± {r.ci:.2f}" if r.ci else "")
+                cells.append(f'<td class="best">{text}</td>' if r.value == best[t] else f"<td>{text}</td>")
+            body.append(f"<tr><th>{html.escape(m)}</th>{''.join(cells)}</tr>")
+        parts.append(f"<h3>{html.escape(dataset)} · {html.escape(protocol)} · {html.escape(metric)}</h3>"
+                     f"<table><tr><th>model</th>{head}</tr>{''.join(body)}</table>")
+    return "\n".join(parts)
+
+
+def _sweep_figures(rows: list[Result]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in rows if "cell" in r.extra]
+    if not cells:
+        return ""
+    out = ["<h2>Architecture study (sweep cells)</h2>"]
+    archs = sorted({r.extra["cell"]["backbone"] for r in cells})
+    for protocol in sorted({r.protocol for r in cells}):
+        pre = [r for r in cells if r.protocol == protocol and r.tap == "pre_logits"]
+        if pre:
+            fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 2.8), squeeze=False, sharey=True)
+            for ax, arch in zip(axes[0], archs, strict=True):
+                for method in sorted({r.extra["cell"]["method"] for r in pre}):
+                    pts = sorted((r.extra["cell"]["width"], r.value) for r in pre
+                                 if r.extra["cell"]["backbone"] == arch and r.extra["cell"]["method"] == method)
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+                ax.set_title(arch)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("width")
+            axes[0][0].set_ylabel(f"{protocol} top-1 (pre-logits)")
+            axes[0][-1].legend(fontsize=7)
+            out.append(f"<h3>{html.escape(protocol)}: top-1 against width</h3>{_png(fig)}")
+        layered = [r for r in cells if r.protocol == protocol and r.tap != "pre_logits"]
+        if layered:
+            fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 2.8), squeeze=False, sharey=True)
+            for ax, arch in zip(axes[0], archs, strict=True):
+                mine = [r for r in cells if r.protocol == protocol and r.extra["cell"]["backbone"] == arch]
+                for model in sorted({r.model for r in mine}):
+                    pts = sorted((TAP_ORDER.index(r.tap) if r.tap in TAP_ORDER else 99, r.value) for r in mine
+                                  if r.model == model)
+                    ax.plot([TAP_ORDER[i] for i, _ in pts], [v for _, v in pts], marker=".", label=model)
+                ax.set_title(arch)
+                ax.tick_params(axis="x", rotation=60, labelsize=7)
+            axes[0][0].set_ylabel(f"{protocol} top-1")
+            out.append(f"<h3>{html.escape(protocol)}: top-1 by layer</h3>{_png(fig)}")
+    pairs = defaultdict(dict)
+    for r in cells:
+        if r.tap == "pre_logits" and r.protocol in ("linear", "mlp"):
+            pairs[r.model][r.protocol] = r.value
+    both = [(v["linear"], v["mlp"]) for v in pairs.values() if len(v) == 2]
+    if both:
+        fig, ax = plt.subplots(figsize=(3.2, 3.2))
+        ax.scatter(*zip(*both, strict=True))
+        lo, hi = min(min(p) for p in both), max(max(p) for p in both)
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.5)
+        ax.set_xlabel("linear top-1")
+        ax.set_ylabel("MLP top-1")
+        out.append(f"<h3>Linear against MLP probe (one point per model)</h3>{_png(fig)}")
+    return "\n".join(out)
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em} table{border-collapse:collapse;margin-bottom:1em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} th{background:#f4f4f4} td.best{font-weight:bold;
+background:#e6f4e6} img{max-width:100%}"""
+
+
+def build_report(store: Store, out: str | Path) -> Path:
+    """Write ``out`` (an .html file, or a directory that gets report.html) from every row of the store."""
+    out = Path(out)
+    if out.suffix != ".html":
+        out = out / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = store.query()
+    body = _tables(rows) if rows else "<p>The results store is empty: run selfsup bench, evaluate or sweep.</p>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>selfsup report</title><style>{STYLE}"
+            f"</style></head><body><h1>selfsup report</h1><p>{len(rows)} results from {html.escape(str(store.path))}"
+            f"</p><h2>Results</h2>{body}{_sweep_figures(rows)}</body></html>")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out

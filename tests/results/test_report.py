@@ -1,0 +1,33 @@
+"""The report is one self-contained page built from the store: tables with the best cell marked and the
+sweep figures as inline PNGs."""
+
+import re
+
+from selfsup.results.report import build_report
+from selfsup.results.store import Result, Store
+
+
+def _row(model, tap, protocol, value, width, method="rotation"):
+    cell = {"method": method, "backbone": "resnet18", "width": width, "seed": 0}
+    return Result(model, "h" + model, "sample", "test", protocol, tap, "c", "top1", value, extra={"cell": cell})
+
+
+def test_report_marks_best_and_draws_sweep_figures(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    rows = []
+    for width, base in ((0.25, 30.0), (0.5, 35.0)):
+        model = f"rot-w{width}"
+        rows += [_row(model, "block2", "linear", base - 5, width), _row(model, "pre_logits", "linear", base, width),
+                 _row(model, "pre_logits", "mlp", base + 1, width)]
+    store.put(rows)
+    page = build_report(store, tmp_path / "out").read_text()
+    assert "http" not in page.replace("http-equiv", "")          # nothing fetched from the network
+    assert '<td class="best">35.00</td>' in page and "<td>30.00</td>" in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 4   # linear: width + layers; mlp: width; linear vs MLP
+    assert all(len(i) > 1000 for i in images)
+
+
+def test_empty_store_says_what_to_run(tmp_path):
+    page = build_report(Store(tmp_path / "r.sqlite"), tmp_path / "report.html").read_text()
+    assert "results store is empty" in page
