@@ -15,8 +15,9 @@ Example (``src/selfsup/configs/revisiting/small_sweep.yaml``)::
       seed: [0]
     evaluate:
       data: tinyimagenet100
-      protocols: [linear, mlp]
-      taps: all                          # or a list; all = every tap of the backbone (layer-wise)
+      protocols:                         # protocol -> taps ("all" = every tap of the backbone, layer-wise)
+        linear: all
+        mlp: [pre_logits]
 
 Cells are named ``method-backbone-wWIDTH-sSEED-HASH``, the hash of the cell's resolved config, so
 changing any setting makes new cells rather than reusing old figures. A cell whose figures are all in
@@ -88,17 +89,19 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
     spec = read_yaml(path)
     out = Path(spec.get("out", "runs/sweep"))
     ev = {"data": None, "protocols": ["linear"], "taps": ["pre_logits"], **spec.get("evaluate", {})}
+    # protocols: a list (each on ``taps``) or a mapping protocol -> taps
+    plan = ev["protocols"] if isinstance(ev["protocols"], dict) else {p: ev["taps"] for p in ev["protocols"]}
     grid = cells(spec)
     rows = []
     for i, cell in enumerate(grid, 1):
         cfg = cell_config(spec, cell)
         cell.settings = config_hash(to_dict(cfg))[:6]
         data = ev["data"] or cfg.data.name
-        taps = tuple(ev["taps"]) if ev["taps"] != "all" else tuple(
-            backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,
-                            **cfg.backbone.options).taps)
+        every = tuple(backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,
+                                      **cfg.backbone.options).taps)
+        taps = {p: every if t == "all" else tuple(t) for p, t in plan.items()}
         dataset = resolve(data).name
-        if all(store.has(model=cell.name, dataset=dataset, protocol=p, tap=t) for p in ev["protocols"] for t in taps):
+        if all(store.has(model=cell.name, dataset=dataset, protocol=p, tap=t) for p in taps for t in taps[p]):
             log(f"[{i}/{len(grid)}] {cell.name}: in the store, skipped")
             rows += store.query(model=cell.name)
             continue
@@ -106,8 +109,9 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
         start = time.perf_counter()
         run = pretrain(cfg, out / cell.name)
         encoder = load_encoder(run, label=cell.name)
-        log(f"[{i}/{len(grid)}] {cell.name}: evaluating {', '.join(ev['protocols'])} on {data}, taps {', '.join(taps)}")
-        rows += evaluate_model(encoder, data, list(ev["protocols"]), store, taps=taps, device=device,
-                               tags={"cell": cell.coordinates(), "sweep": str(path)})
+        for protocol, protocol_taps in taps.items():
+            log(f"[{i}/{len(grid)}] {cell.name}: {protocol} on {data}, taps {', '.join(protocol_taps)}")
+            rows += evaluate_model(encoder, data, [protocol], store, taps=protocol_taps, device=device,
+                                   tags={"cell": cell.coordinates(), "sweep": str(path)})
         log(f"[{i}/{len(grid)}] {cell.name}: done in {time.perf_counter() - start:.0f} s")
     return rows
