@@ -96,6 +96,7 @@ def _sweep_figures(rows: list[Result]) -> str:
                     ax.plot([TAP_ORDER[i] for i, _ in pts], [v for _, v in pts], marker=".", label=model)
                 ax.set_title(arch)
                 ax.tick_params(axis="x", rotation=60, labelsize=7)
+                ax.legend(fontsize=6)
             axes[0][0].set_ylabel(f"{protocol} top-1")
             out.append(f"<h3>{html.escape(protocol)}: top-1 by layer</h3>{_png(fig)}")
     pairs = defaultdict(dict)
