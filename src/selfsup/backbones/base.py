@@ -33,6 +33,7 @@ is initialised the same way. The previous pooled vector stays readable as the ``
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 
 from torch import Tensor, nn
@@ -49,7 +50,7 @@ def scaled(base: int, width: float) -> int:
     return max(1, int(round(base * width)))
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """A feature extractor with named taps.
 
     Subclasses fill ``self.taps`` (tap name -> channels, in forward order, ending with
@@ -108,8 +109,9 @@ class Backbone(nn.Module):
         self.taps = taps
         return layer
 
-    def run_stage(self, name: str, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run_stage(self, name: str, x: Tensor) -> Tensor:
+        """Compute tap ``name`` from the previous tap's output (each family defines its stages)."""
 
     def _stage(self, name: str, x: Tensor) -> Tensor:
         """:meth:`run_stage`, with the representation layer (if any) spliced in after ``"pooled"``."""

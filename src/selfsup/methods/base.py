@@ -24,6 +24,12 @@ from torch import nn
 
 from selfsup.backbones.base import Backbone
 
+# The pretext optimisation of Kolesnikov et al. 2019's public configs (config/*/imagenet.sh), shared by
+# rotation, exemplar, relative_patch and jigsaw: SGD momentum 0.9, lr 0.1 × batch/256, weight decay 1e-4,
+# 5 warmup epochs, 35 epochs with ×0.1 at epochs 15 and 25.
+REVISITING_OPTIM = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=5, schedule="step",
+                        milestones=[15, 25], gamma=0.1)
+
 
 class Method(nn.Module, abc.ABC):
     name: ClassVar[str]

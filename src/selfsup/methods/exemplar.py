@@ -40,7 +40,6 @@ weight decay 1e-4, 5 warmup epochs, 35 epochs, ×0.1 at epochs 15 and 25.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.losses import triplet_semihard
-from selfsup.methods.base import Method
+from selfsup.methods.base import REVISITING_OPTIM, Method
 from selfsup.views.augment import PRESETS, make_view, to_float
-from selfsup.views.color import coin
+from selfsup.views.color import random_mean_gray
+from selfsup.views.patches import standardize_patches
 
 
 @dataclass
@@ -63,24 +63,11 @@ class ExemplarConfig:
     size: int | None = None       # crop size; None = the images' own size (their configs: 224)
 
 
-def per_image_standardization(x: torch.Tensor) -> torch.Tensor:
-    """TF ``tf.image.per_image_standardization`` per sample: (x − mean) / max(std, 1/√N), N = C·H·W.
-
-    The floor keeps a uniform copy (std 0) finite; std is the population standard deviation, as TF's.
-    """
-    dims = tuple(range(1, x.dim()))
-    n = math.prod(x.shape[1:])
-    mean = x.mean(dims, keepdim=True)
-    std = x.var(dims, correction=0, keepdim=True).sqrt()
-    return (x - mean) / std.clamp_min(1.0 / math.sqrt(n))
-
-
 class Exemplar(Method):
     name = "exemplar"
     summary = "Exemplar (Dosovitskiy et al. 2014; Kolesnikov et al. 2019 §3): 8 copies/image, semi-hard triplet loss"
     Config = ExemplarConfig
-    optim_defaults = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=5,
-                          schedule="step", milestones=[15, 25], gamma=0.1)
+    optim_defaults = REVISITING_OPTIM
 
     def __init__(self, backbone, cfg: ExemplarConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)
@@ -95,13 +82,12 @@ class Exemplar(Method):
         channels_last = images.is_contiguous(memory_format=torch.channels_last)
         x = to_float(images)
         # grayscale decided once per image, before the copies are made, so all 8 share it (their to_gray)
-        gray = coin(x.shape[0], self.cfg.gray_p, g).to(x.device).view(-1, 1, 1, 1)
-        x = torch.where(gray, x.mean(1, keepdim=True).expand_as(x), x)
+        x = random_mean_gray(x, self.cfg.gray_p, g)
         x = x.repeat_interleave(self.cfg.copies, 0)                # image 0 ×8, image 1 ×8, … (np.repeat)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         cfg = dataclasses.replace(self.view_cfg, size=self.cfg.size or images.shape[-1], gray_p=0.0)
-        x = per_image_standardization(make_view(x, cfg, g=g))       # each copy drawn independently
+        x = standardize_patches(make_view(x, cfg, g=g))       # each copy drawn independently
         labels = index.to(x.device).repeat_interleave(self.cfg.copies)
         return {"x": x, "labels": labels}
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsup.methods.base import REVISITING_OPTIM
 from selfsup.methods.patch_task import PatchTask, PatchTaskConfig
 from selfsup.views.permutations import hamming_permutations
 
@@ -32,8 +33,7 @@ class Jigsaw(PatchTask):
     name = "jigsaw"
     summary = "Jigsaw (Noroozi & Favaro 2016; Kolesnikov et al. 2019 §3): which of 100 maximal-Hamming orders"
     Config = JigsawConfig
-    optim_defaults = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=5,
-                          schedule="step", milestones=[15, 25], gamma=0.1)
+    optim_defaults = REVISITING_OPTIM
     tuple_len = 9
 
     def __init__(self, backbone, cfg: JigsawConfig, num_images: int):

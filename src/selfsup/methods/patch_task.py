@@ -30,7 +30,7 @@ from torch import nn
 
 from selfsup.methods.base import Method
 from selfsup.views.augment import to_float
-from selfsup.views.color import coin
+from selfsup.views.color import random_mean_gray
 from selfsup.views.patches import extract_patches, patch_geometry, standardize_patches
 
 
@@ -53,12 +53,6 @@ def fc_head(in_dim: int, hidden: int, classes: int, dropout: float) -> nn.Sequen
     return head
 
 
-def mean_gray(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """Their ``to_gray``: with probability p per image, every channel becomes the mean of R, G, B."""
-    chosen = coin(x.shape[0], p, g).to(x.device).view(-1, 1, 1, 1)
-    return torch.where(chosen, x.mean(1, keepdim=True).expand_as(x), x)
-
-
 class PatchTask(Method):
     """Base of the patch tasks: subclasses define ``tuples(g)`` -> (patch index tuples m×k, labels m)."""
 
@@ -72,7 +66,7 @@ class PatchTask(Method):
         self.weight_decay_overrides = {"head.": cfg.head_weight_decay}
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
-        x = mean_gray(to_float(images), self.cfg.gray_p, g)
+        x = random_mean_gray(to_float(images), self.cfg.gray_p, g)
         geom = patch_geometry(self.cfg.size or images.shape[-1])  # resizes the images when size is set
         patches = standardize_patches(extract_patches(x, geom, g))           # B×9×C×p×p
         tuples, labels = self.tuples(g)

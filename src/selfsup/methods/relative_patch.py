@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from selfsup.methods.base import REVISITING_OPTIM
 from selfsup.methods.patch_task import PatchTask, PatchTaskConfig
 
 # (neighbour, centre) for the 8 neighbours of cell 4, row-major: the label of pair i is i.
@@ -25,8 +26,7 @@ class RelativePatchLocation(PatchTask):
     name = "relative_patch"
     summary = "Relative Patch Location (Doersch et al. 2015; Kolesnikov et al. 2019 §3): 8-way neighbour position"
     Config = PatchTaskConfig
-    optim_defaults = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=5,
-                          schedule="step", milestones=[15, 25], gamma=0.1)
+    optim_defaults = REVISITING_OPTIM
     num_classes = 8
     tuple_len = 2
 

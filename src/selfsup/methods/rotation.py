@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.methods.base import Method
+from selfsup.methods.base import REVISITING_OPTIM, Method
 from selfsup.views.augment import PRESETS, make_view, rotate90
 
 
@@ -36,8 +36,7 @@ class Rotation(Method):
     name = "rotation"
     summary = "Rotation (Gidaris et al. 2018; Kolesnikov et al. 2019 §3.1): all 4 rotations, 4-way softmax"
     Config = RotationConfig
-    optim_defaults = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=5,
-                          schedule="step", milestones=[15, 25], gamma=0.1)
+    optim_defaults = REVISITING_OPTIM
 
     def __init__(self, backbone, cfg: RotationConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)

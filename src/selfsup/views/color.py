@@ -221,3 +221,10 @@ def solarize(x: Tensor, p: float = 0.5, threshold: float = 0.5, *, g: torch.Gene
     """torchvision ``RandomSolarize(threshold, p)``: pixels >= threshold become 1 - x."""
     mask = coin(x.shape[0], p, g).to(x.device).view(-1, 1, 1, 1)
     return torch.where(mask & (x >= threshold), 1.0 - x, x)
+
+
+def random_mean_gray(x: Tensor, p: float, g: torch.Generator) -> Tensor:
+    """Kolesnikov et al.'s ``to_gray`` (public code ``preprocess.py``): with probability p per image, every
+    channel becomes the plain mean of R, G and B (not the luma of ``random_grayscale``)."""
+    chosen = coin(x.shape[0], p, g).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(chosen, x.mean(1, keepdim=True).expand_as(x), x)
