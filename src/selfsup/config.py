@@ -172,7 +172,3 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     tmp.replace(path)
-
-
-def from_dict(values: dict) -> RunConfig:
-    return build(values)

@@ -29,6 +29,12 @@ def _train(name, params, steps, batch, optim):
     method = methods.build(name, backbones.build("resnet18", width=0.25, cifar_stem=True), {"name": name, **params},
                            num_images=len(train))
     before = _held_out(method, test)
+    fit(method, train, steps, batch, optim)
+    return before, _held_out(method, test)
+
+
+def fit(method, train, steps, batch, optim):
+    """``steps`` optimisation steps on random batches of ``train``, every draw seeded by the step."""
     opt = build_optimizer(method, optim, optim.lr)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
@@ -37,7 +43,6 @@ def _train(name, params, steps, batch, optim):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return before, _held_out(method, test)
 
 
 def test_rotation_learns_to_tell_rotations():

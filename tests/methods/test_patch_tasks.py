@@ -3,11 +3,10 @@ hand-built concatenation), and both learn their pretext task on the real sample.
 
 import torch
 import torch.nn.functional as F
-from test_learns import _images
+from test_learns import _images, fit
 
 from selfsup import backbones, methods
 from selfsup.config import OptimConfig
-from selfsup.train.optim import build_optimizer
 from selfsup.views.permutations import hamming_permutations
 
 
@@ -63,14 +62,7 @@ def _learn(name, steps, batch, **params):
         return float(out["loss"]), float(out["pretext_acc"])
 
     before = held_out()
-    opt = build_optimizer(method, OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4), 1e-3)
-    for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        index = torch.randint(0, len(train), (batch,), generator=g)
-        loss = method(method.views(train[index], index, g))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(method, train, steps, batch, OptimConfig(name="adamw", lr=1e-3, weight_decay=1e-4))
     return before, held_out()
 
 
