@@ -64,14 +64,23 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="frozen-feature protocols on a dataset; figures go to the results store")
     p.add_argument("models", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="run directories of `selfsup pretrain`, or backbone .safetensors files")
+                   help="run directories of `selfsup pretrain`, or backbone .safetensors files; protocol settings "
+                   "as protocol.key=value among them, e.g. sgd.epochs=520 'sgd.milestones=[480,500]'")
     p.add_argument("--data", default="sample", help="dataset name or path (default: the bundled sample)")
-    p.add_argument("--protocol", action="append", choices=["knn", "linear", "mlp"],
+    p.add_argument("--protocol", action="append", choices=["knn", "linear", "mlp", "sgd"],
                    help="protocol to run, repeatable (default: knn and linear; see `selfsup list protocols`)")
     p.add_argument("--tap", action="append", help="feature to probe, repeatable, or 'all' for every tap of the "
                    "backbone (layer-wise, one encoding pass); feature maps are pooled to <= 9000 dims; "
                    "default pre_logits")
     p.add_argument("--resolution", type=int, help="evaluation resolution (default: the images' own)")
+    p.add_argument("--view", choices=["image", "tiles"], default="image",
+                   help="image (default) or tiles: the mean over the nine eval tiles, for patch-trained models "
+                   "(Kolesnikov et al. 2019's evaluation of Jigsaw and Relative Patch Location)")
+    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised copy of each model's "
+                   "backbone (same architecture and input normalisation) instead: the floor it must beat")
+    p.add_argument("--train-per-class", type=int, help="probe on this many train images per class (seeded)")
+    p.add_argument("--max-dims", type=int, default=9000, help="pool each feature-map tap to at most this many "
+                   "dims (default 9000, Kolesnikov et al.'s)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
     _add_store(p)
@@ -173,18 +182,24 @@ def _print_table(rows) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from selfsup.evaluate.features import load_encoder
+    from selfsup.config import parse_overrides
+    from selfsup.evaluate.features import load_encoder, random_copy
     from selfsup.evaluate.suite import evaluate_model
     from selfsup.results.store import Store
 
     store = Store(args.store)
     rows = []
-    for model in args.models:
+    settings = parse_overrides([m for m in args.models if "=" in m])
+    for model in (m for m in args.models if "=" not in m):
         encoder = load_encoder(model)
+        if args.random_init:
+            encoder = random_copy(encoder)
         taps = args.tap or ["pre_logits"]
         taps = tuple(encoder.backbone.taps) if "all" in taps else tuple(taps)
         rows += evaluate_model(encoder, args.data, args.protocol or ["knn", "linear"], store, taps=taps,
-                               resolution=args.resolution, device=_device(args.device), force=args.force)
+                               resolution=args.resolution, device=_device(args.device), force=args.force,
+                               view=args.view, train_per_class=args.train_per_class, max_dims=args.max_dims,
+                               overrides=settings)
     _print_table(rows)
     print(f"stored in {store.path}")
     return 0

@@ -139,3 +139,16 @@ def test_named_specs_match_the_shared_manifest():
         assert spec.path is not None and spec.path.is_file()
         assert spec.num_classes == entry["classes"]
         assert set(spec.splits) == set(entry["splits"])
+
+
+def test_per_class_subset_is_seeded_balanced_and_keeps_small_classes_whole():
+    from selfsup.data import per_class_subset
+
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
+    keep = per_class_subset(labels, 5, seed=1)
+    assert np.bincount(labels[keep]).tolist() == [5, 3, 5]
+    assert np.all(np.diff(keep) > 0)                                  # sorted, no repeats
+    assert np.array_equal(keep, per_class_subset(labels, 5, seed=1))
+    assert not np.array_equal(keep, per_class_subset(labels, 5, seed=2))
+    with pytest.raises(ValueError, match="positive"):
+        per_class_subset(labels, 0)

@@ -6,7 +6,7 @@ import torch
 
 from selfsup.config import BackboneConfig, build
 from selfsup.evaluate import features as features_module
-from selfsup.evaluate.features import load_encoder, random_encoder
+from selfsup.evaluate.features import load_encoder, random_copy, random_encoder
 from selfsup.evaluate.suite import evaluate_model
 from selfsup.results.store import Store
 from selfsup.train.loop import pretrain
@@ -25,6 +25,12 @@ def test_run_directory_exports_a_loadable_backbone(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="neither a run directory"):
         load_encoder(tmp_path / "missing.pt")
+    floor = random_copy(encoder)                   # the random-init baseline of the same network
+    assert floor.label == "random-init run" and floor.mean == encoder.mean
+    assert floor.weights_hash != encoder.weights_hash
+    assert floor.architecture == from_ckpt.architecture == encoder.architecture
+    trained, fresh = encoder.backbone.state_dict(), floor.backbone.state_dict()
+    assert trained.keys() == fresh.keys() and not all(torch.equal(trained[k], fresh[k]) for k in trained)
 
 
 def test_figures_are_stored_once_and_features_encoded_once(tmp_path, monkeypatch):
@@ -75,3 +81,60 @@ def test_all_taps_come_from_one_forward_pass_and_the_cache():
     second = tap_features(encoder, data, taps)
     assert len(calls) == 1                                     # everything from the cache
     assert all(torch.equal(first[t][0], second[t][0]) for t in taps)
+
+
+def test_tiles_view_is_the_mean_of_the_nine_eval_tiles_per_tap():
+    from selfsup.evaluate.features import encode, pool_to_dims
+    from selfsup.views.augment import to_float
+    from selfsup.views.patches import eval_patches, standardize_patches
+
+    encoder = random_encoder(BackboneConfig("resnet18", 0.125, True), seed=0)
+    encoder.standardize = True                               # as a patch-trained model
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = encode(encoder, images.numpy(), ("block2", "pre_logits"), view="tiles", max_dims=64)
+    # independently: nine tiles per image, each tile's tap pooled on its own, then averaged
+    tiles = eval_patches(to_float(images.permute(0, 3, 1, 2)), 64)         # 3 × 9 × 3 × 14 × 14
+    net = encoder.backbone.eval()
+    with torch.no_grad():
+        maps = net(standardize_patches(tiles.flatten(0, 1)).contiguous(memory_format=torch.channels_last),
+                   taps=("block2", "pre_logits"))
+    for tap in ("block2", "pre_logits"):
+        want = pool_to_dims(maps[tap].float(), 64).view(3, 9, -1).mean(1)
+        assert got[tap].shape == want.shape
+        torch.testing.assert_close(got[tap], want, rtol=1e-4, atol=1e-5)
+    whole = encode(encoder, images.numpy(), ("pre_logits",))["pre_logits"]
+    assert not torch.allclose(whole, got["pre_logits"])     # the image view is another representation
+    with pytest.raises(ValueError, match="view must be one of"):
+        encode(encoder, images.numpy(), view="patches")
+
+
+def test_probe_settings_subset_pool_and_view_are_part_of_the_stored_key(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    encoder = random_encoder(BackboneConfig("resnet18", 0.125, True), seed=0)
+    full = evaluate_model(encoder, "sample", ["knn"], store, taps=("block3",))[0]
+    assert "train_per_class" not in full.config and "max_dims" not in full.config   # default keys unchanged
+    few = evaluate_model(encoder, "sample", ["knn"], store, taps=("block3",), train_per_class=20, max_dims=512)[0]
+    assert few.config["train_per_class"] == 20 and few.config["max_dims"] == 512
+    assert few.config_hash != full.config_hash and few.value != full.value
+    tiles = evaluate_model(encoder, "sample", ["knn"], store, view="tiles")[0]
+    assert tiles.config["view"] == "tiles"
+    assert len(store.query()) == 3
+
+
+def test_sgd_probe_runs_through_the_suite_with_its_curve_stored(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    encoder = random_encoder(BackboneConfig("resnet18", 0.125, True), seed=0)
+    settings = {"sgd": {"epochs": 3, "milestones": [2], "batch_size": 64}}
+    rows = evaluate_model(encoder, "sample", ["sgd", "knn"], store, taps=("block3", "pre_logits"),
+                          train_per_class=30, overrides=settings)
+    sgd = {r.tap: r for r in rows if r.protocol == "sgd"}
+    assert set(sgd) == {"block3", "pre_logits"}
+    for r in sgd.values():
+        assert [e for e, _ in r.extra["curve"]] == [1, 2, 3] and r.value == r.extra["curve"][-1][1]
+        assert r.value > 10                                  # above chance on the CIFAR-10 sample
+        assert r.config["epochs"] == 3 and r.config["train_per_class"] == 30
+    assert len(store.query(protocol="sgd")) == 2
+    with pytest.raises(ValueError, match="unknown sgd setting"):
+        evaluate_model(encoder, "sample", ["sgd"], store, overrides={"sgd": {"epoch": 3}})
+    with pytest.raises(ValueError, match="unknown protocol 'svm'"):
+        evaluate_model(encoder, "sample", ["knn"], store, overrides={"svm": {}})

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .cache import ImageSet, from_arrays, load
-from .registry import DatasetSpec, names, resolve, train_val_split
+from .registry import DatasetSpec, names, per_class_subset, resolve, train_val_split
 from .sources import (
     ArraySource,
     CifarSource,
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ArraySource", "CifarSource", "DatasetSpec", "DecodeError", "DeviceImages", "FolderSource", "ImageSet",
     "Item", "Source", "ZipSource", "decode", "from_arrays", "load", "names", "open_source", "resolve",
+    "per_class_subset",
     "train_val_split",
 ]
 

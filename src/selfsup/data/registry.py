@@ -214,3 +214,14 @@ def train_val_split(
     is_val = np.zeros(n, dtype=bool)
     is_val[val] = True
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+def per_class_subset(labels: np.ndarray | list[int], per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random ``per_class`` images of every class (all of a class that has
+    fewer). For probing on a fixed number of labelled images per class: CPU-sized studies, few-shot."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.empty(0, dtype=np.int64)

@@ -9,6 +9,12 @@ Preprocessing is Ericsson et al. 2021's for frozen protocols: the (square, cache
 to the evaluation resolution with bicubic interpolation, no augmentation. Feature-map taps are pooled
 to at most ~9,000 features as Kolesnikov et al.'s layer-wise evaluation does (``pool_to_dims``), and
 all requested taps come from one forward pass.
+
+Views (``view``): ``"image"`` feeds the whole image, the representation of every model in Kolesnikov et
+al. 2019's main study, patch-trained ones included. ``"tiles"`` is their evaluation of patch models
+against prior work (``config/evaluation/jigsaw_or_relative_patch_location.sh``): the nine un-jittered
+eval tiles of ``views.patches.eval_patches`` go through the backbone one by one, each tap of each tile
+is pooled, and the nine are averaged (``combine_patches avg_pool`` in their ``patch_utils``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from selfsup.config import BackboneConfig, config_hash
 from selfsup.data import ImageSet
 from selfsup.paths import cache_dir
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
-from selfsup.views.patches import standardize_patches
+from selfsup.views.patches import eval_patches, standardize_patches
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Encoder:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     standardize: bool = False  # per-image standardisation instead of mean/std (patch-trained models)
+    architecture: dict | None = None  # the BackboneConfig fields it was built from (for ``random_copy``)
 
 
 def _file_hash(path: Path) -> str:
@@ -65,7 +72,17 @@ def random_encoder(backbone: BackboneConfig, seed: int = 0, label: str | None = 
     cfg = asdict(backbone)
     net = _build(cfg)
     return Encoder(net, label or f"random-init {backbone.name}", "random-" + config_hash({**cfg, "seed": seed}),
-                   IMAGENET_MEAN, IMAGENET_STD)
+                   IMAGENET_MEAN, IMAGENET_STD, architecture=cfg)
+
+
+def random_copy(encoder: Encoder, seed: int = 0) -> Encoder:
+    """A randomly initialised copy of ``encoder``'s backbone, fed the same input normalisation: the
+    baseline a pretrained model must beat, probed exactly as the model itself."""
+    if encoder.architecture is None:
+        raise ValueError(f"{encoder.label}: its architecture is unknown, so it has no random-init copy")
+    copy = random_encoder(BackboneConfig(**encoder.architecture), seed, label=f"random-init {encoder.label}")
+    return Encoder(copy.backbone, copy.label, copy.weights_hash, encoder.mean, encoder.std, encoder.standardize,
+                   encoder.architecture)
 
 
 def load_encoder(path: str | Path, label: str | None = None) -> Encoder:
@@ -84,13 +101,14 @@ def load_encoder(path: str | Path, label: str | None = None) -> Encoder:
     if "backbone" not in meta:
         raise ValueError(f"{path} has no 'backbone' metadata: it was not written by selfsup. Convert it first "
                          f"(a state_dict of a selfsup backbone plus metadata {{'backbone': json}}).")
-    net = _build(json.loads(meta["backbone"]))
+    architecture = json.loads(meta["backbone"])
+    net = _build(architecture)
     net.load_state_dict(load_file(str(path)))
     mean = tuple(json.loads(meta.get("mean", json.dumps(IMAGENET_MEAN))))
     std = tuple(json.loads(meta.get("std", json.dumps(IMAGENET_STD))))
     standardize = json.loads(meta.get("standardize", "false"))
     name = label or (path.parent.name if path.name == "backbone.safetensors" else path.stem)
-    return Encoder(net, name, _file_hash(path), mean, std, standardize)
+    return Encoder(net, name, _file_hash(path), mean, std, standardize, architecture)
 
 
 def _from_checkpoint(path: Path, label: str | None) -> Encoder:
@@ -111,10 +129,11 @@ def _from_checkpoint(path: Path, label: str | None) -> Encoder:
     net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
     mean, std, standardize = methods.input_normalization(cfg["method"])
     return Encoder(net, label or f"{run.name}@{ckpt.name}", _file_hash(ckpt / "model.safetensors"), mean, std,
-                   standardize)
+                   standardize, cfg["backbone"])
 
 
 MAX_DIMS = 9000  # Kolesnikov et al.'s layer-wise heads: each tap pooled to at most ~9,000 features
+VIEWS = ("image", "tiles")
 
 
 def pool_to_dims(fmap: torch.Tensor, max_dims: int = MAX_DIMS, mode: str = "max") -> torch.Tensor:
@@ -135,9 +154,12 @@ def pool_to_dims(fmap: torch.Tensor, max_dims: int = MAX_DIMS, mode: str = "max"
 @torch.no_grad()
 def encode(encoder: Encoder, images: np.ndarray, taps: tuple[str, ...] = ("pre_logits",),
            resolution: int | None = None, device: str | torch.device = "cpu", batch_size: int = 256,
-           pool: str = "max") -> dict[str, torch.Tensor]:
+           pool: str = "max", max_dims: int = MAX_DIMS, view: str = "image") -> dict[str, torch.Tensor]:
     """Features of uint8 N×H×W×3 images at every tap in ``taps``, in one forward pass per batch: resize
-    (bicubic) to ``resolution``, normalise, forward, pool feature maps (``pool_to_dims``). float32 on the CPU."""
+    (bicubic) to ``resolution``, normalise, forward, pool feature maps (``pool_to_dims``). float32 on the CPU.
+    ``view="tiles"``: the mean over the nine eval tiles of a patch model trained at this image size."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     net = encoder.backbone.to(device).eval()
     out: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
@@ -147,28 +169,35 @@ def encode(encoder: Encoder, images: np.ndarray, taps: tuple[str, ...] = ("pre_l
         if resolution and x.shape[-1] != resolution:
             x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False,
                               antialias=True).clamp_(0, 1)
+        b = x.shape[0]
+        if view == "tiles":  # B×9×C×p×p tiles → a batch of 9B small images
+            x = eval_patches(x, x.shape[-1]).flatten(0, 1)
         x = standardize_patches(x) if encoder.standardize else normalize(x, encoder.mean, encoder.std)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             maps = net(x, taps=tuple(taps))
         for tap in taps:
-            out[tap].append(pool_to_dims(maps[tap].float(), mode=pool).cpu())
+            f = pool_to_dims(maps[tap].float(), max_dims, mode=pool)
+            out[tap].append(f.view(b, -1, f.shape[1]).mean(1).cpu())  # the mean over tiles; one "tile" for images
     return {tap: torch.cat(parts) for tap, parts in out.items()}
 
 
-def _cache_path(encoder: Encoder, data: ImageSet, tap: str, resolution: int | None, pool: str) -> Path:
+def _cache_path(encoder: Encoder, data: ImageSet, tap: str, resolution: int | None, pool: str,
+                max_dims: int, view: str) -> Path:
     key = config_hash({"weights": encoder.weights_hash, "mean": encoder.mean, "std": encoder.std,
                        "standardize": encoder.standardize,
                        "data": data.name, "split": data.split, "shape": list(data.images.shape), "tap": tap,
-                       "resolution": resolution, "pool": pool, "max_dims": MAX_DIMS, "version": 2})
+                       "resolution": resolution, "pool": pool, "max_dims": max_dims, "version": 2,
+                       **({"view": view} if view != "image" else {})})
     return cache_dir("features") / f"{key}.safetensors"
 
 
 def tap_features(encoder: Encoder, data: ImageSet, taps: tuple[str, ...], resolution: int | None = None,
-                 device: str | torch.device = "cpu", pool: str = "max") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 device: str | torch.device = "cpu", pool: str = "max",
+                 max_dims: int = MAX_DIMS, view: str = "image") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Cached features of several taps: cached ones are read, the missing ones encoded in a single pass.
     Returns tap -> (features N×D float32, labels N int64)."""
-    paths = {tap: _cache_path(encoder, data, tap, resolution, pool) for tap in taps}
+    paths = {tap: _cache_path(encoder, data, tap, resolution, pool, max_dims, view) for tap in taps}
     result = {}
     for tap, path in paths.items():
         if path.exists():
@@ -177,7 +206,8 @@ def tap_features(encoder: Encoder, data: ImageSet, taps: tuple[str, ...], resolu
     missing = tuple(t for t in taps if t not in result)
     if missing:
         y = torch.tensor(np.asarray(data.labels), dtype=torch.int64)
-        for tap, x in encode(encoder, data.images, missing, resolution, device, pool=pool).items():
+        encoded = encode(encoder, data.images, missing, resolution, device, pool=pool, max_dims=max_dims, view=view)
+        for tap, x in encoded.items():
             tmp = paths[tap].with_suffix(f".tmp{os.getpid()}")
             save_file({"features": x, "labels": y}, str(tmp),
                       metadata={"model": encoder.label, "data": data.name, "split": data.split, "tap": tap})

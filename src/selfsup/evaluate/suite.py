@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 
 from selfsup.config import config_hash
 from selfsup.data import load
-from selfsup.data.registry import resolve, train_val_split
-from selfsup.evaluate.features import Encoder, tap_features
+from selfsup.data.registry import per_class_subset, resolve, train_val_split
+from selfsup.evaluate.features import MAX_DIMS, Encoder, tap_features
 from selfsup.evaluate.knn import knn_predict
 from selfsup.evaluate.linear import linear_probe
 from selfsup.evaluate.metrics import score
 from selfsup.evaluate.mlp import MLPConfig, mlp_probe
+from selfsup.evaluate.sgd_probe import SGDProbeConfig, sgd_probe
 from selfsup.results.store import Result, Store
 
 
@@ -89,58 +91,110 @@ PROTOCOLS: dict[str, tuple[type, Callable]] = {
     "mlp": (MLPConfig, run_mlp),
 }
 
+def run_sgd(encoder: Encoder, dataset: str, taps: tuple[str, ...], cfg: SGDProbeConfig, resolution: int | None,
+            device, train_per_class: int | None, max_dims: int) -> dict[str, tuple[float, dict]]:
+    """Kolesnikov et al.'s SGD probe with augmentation on the images (not on cached features): every tap at
+    once, trained on train (+ the official val, their ``trainval``), scored on test after every epoch."""
+    spec = resolve(dataset)
+    train = load(dataset, spec.train_split)
+    images, labels = train.images, np.asarray(train.labels)
+    if train_per_class:
+        keep = per_class_subset(labels, train_per_class)
+        images, labels = images[keep], labels[keep]
+    if spec.val_split:
+        val = load(dataset, spec.val_split)
+        images, labels = np.concatenate([images, val.images]), np.concatenate([labels, np.asarray(val.labels)])
+    test = load(dataset, spec.test_split)
+    out = sgd_probe(encoder, images, labels, test.images, np.asarray(test.labels), spec.num_classes, taps, cfg,
+                    metric=spec.metric, size=resolution, max_dims=max_dims, device=device, log=print)
+    return {t: (r["value"], {"curve": r["curve"]}) for t, r in out.items()}
+
+
 DESCRIPTIONS = {
     "knn": "weighted kNN on frozen features (Wu et al. 2018: k=200, T=0.1, cosine)",
     "linear": "many-shot linear probe (Ericsson et al. 2021 §3: L-BFGS, 45 L2 strengths, val-selected, refit)",
     "mlp": "MLP probe (Kolesnikov et al. 2019: 1000 hidden, ReLU, dropout 0.5, SGD 70 epochs) on frozen features",
+    "sgd": "SGD linear probe with augmentation on every tap at once (Kolesnikov et al. 2019: random crops, "
+           "70 epochs, decays at 30/50), with its accuracy-against-epoch curve",
 }
+CONFIGS = {**{name: cfg for name, (cfg, _) in PROTOCOLS.items()}, "sgd": SGDProbeConfig}
 
 
 def load_splits(encoder: Encoder, dataset: str, taps: tuple[str, ...], resolution: int | None, device,
-                size: int | None = None) -> dict[str, Splits]:
-    """Cached features of every split for every tap (one encoding pass per split for all taps)."""
+                size: int | None = None, train_per_class: int | None = None,
+                max_dims: int = MAX_DIMS, view: str = "image") -> dict[str, Splits]:
+    """Cached features of every split for every tap (one encoding pass per split for all taps).
+    ``train_per_class`` keeps a seeded ``per_class_subset`` of the train split (the whole split is
+    encoded and cached either way); val and test stay whole."""
     spec = resolve(dataset)
     if spec.test_split is None:
         raise ValueError(f"dataset {dataset} has no test or val split to score on (splits: {spec.splits})")
 
     def encoded(split):
-        return tap_features(encoder, load(dataset, split, size=size), taps, resolution, device)
+        return tap_features(encoder, load(dataset, split, size=size), taps, resolution, device, max_dims=max_dims,
+                            view=view)
 
     train, test = encoded(spec.train_split), encoded(spec.test_split)
     val = encoded(spec.val_split) if spec.val_split else None
+    if train_per_class:
+        keep = torch.as_tensor(per_class_subset(next(iter(train.values()))[1].numpy(), train_per_class))
+        train = {t: (x[keep], y[keep]) for t, (x, y) in train.items()}
     return {t: Splits(train[t], val[t] if val else None, test[t], spec.num_classes, spec.metric) for t in taps}
 
 
 def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: Store,
                    taps: tuple[str, ...] = ("pre_logits",), resolution: int | None = None, device: str = "cpu",
-                   force: bool = False, overrides: dict | None = None, tags: dict | None = None) -> list[Result]:
+                   force: bool = False, overrides: dict | None = None, tags: dict | None = None,
+                   train_per_class: int | None = None, max_dims: int = MAX_DIMS, view: str = "image") -> list[Result]:
     """Run ``protocols`` on every tap in ``taps`` for ``encoder`` on ``dataset``. Returns the rows in
     (tap, protocol) order: new ones (also stored) and those already in the store for the same settings.
-    ``tags`` (e.g. a sweep cell's coordinates) are kept in each new row's ``extra``."""
+    ``tags`` (e.g. a sweep cell's coordinates) are kept in each new row's ``extra``. ``train_per_class``
+    probes on that many train images per class (seeded); ``max_dims`` bounds each pooled tap (the paper's
+    ~9,000 by default); ``view="tiles"`` represents an image by the mean of its nine eval tiles (patch
+    models, see ``features``). Each is part of the stored settings when it differs from its default."""
     spec = resolve(dataset)
     unknown = [t for t in taps if t not in encoder.backbone.taps]
     if unknown:
         raise ValueError(f"unknown tap(s) {unknown}; {encoder.label} has: {', '.join(encoder.backbone.taps)}")
+    for name, values in (overrides or {}).items():
+        if name not in CONFIGS:
+            raise ValueError(f"settings given for unknown protocol {name!r}; protocols: {', '.join(CONFIGS)}")
+        valid = {f.name for f in fields(CONFIGS[name])}
+        if set(values) - valid:
+            raise ValueError(f"unknown {name} setting(s) {sorted(set(values) - valid)}; "
+                             f"valid: {', '.join(sorted(valid))}")
     planned = []
     for tap in taps:
         for name in protocols:
-            if name not in PROTOCOLS:
-                raise ValueError(f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}")
-            cfg = PROTOCOLS[name][0](**(overrides or {}).get(name, {}))
+            if name not in CONFIGS:
+                raise ValueError(f"unknown protocol {name!r}; available: {', '.join(CONFIGS)}")
+            cfg = CONFIGS[name](**(overrides or {}).get(name, {}))
             settings = {**asdict(cfg), "resolution": resolution}
+            if train_per_class:  # only when set, so figures stored before the options keep their key
+                settings["train_per_class"] = train_per_class
+            if max_dims != MAX_DIMS:
+                settings["max_dims"] = max_dims
+            if view != "image":
+                settings["view"] = view
             key = dict(model=encoder.label, model_hash=encoder.weights_hash, dataset=spec.name,
                        split=spec.test_split, protocol=name, tap=tap, config_hash=config_hash(settings))
             stored = [] if force else store.query(**key)
             planned.append((tap, name, cfg, settings, key, stored))
-    needed = tuple(dict.fromkeys(tap for tap, *_, stored in planned if not stored))
-    splits = load_splits(encoder, dataset, needed, resolution, device) if needed else {}
+    needed = tuple(dict.fromkeys(tap for tap, name, *_, stored in planned if not stored and name in PROTOCOLS))
+    splits = (load_splits(encoder, dataset, needed, resolution, device, train_per_class=train_per_class,
+                          max_dims=max_dims, view=view) if needed else {})
+    sgd_taps = tuple(tap for tap, name, *_, stored in planned if not stored and name == "sgd")
+    if sgd_taps and view != "image":
+        raise ValueError("the sgd probe augments whole images: use view='image' (the default) with it")
+    sgd = (run_sgd(encoder, dataset, sgd_taps, next(c for _, n, c, *_ in planned if n == "sgd"), resolution,
+                   device, train_per_class, max_dims) if sgd_taps else {})
     results = []
     for tap, name, cfg, settings, key, stored in planned:
         if stored:
             results += stored
             continue
         start = time.perf_counter()
-        value, extra = PROTOCOLS[name][1](splits[tap], cfg, device)
+        value, extra = sgd[tap] if name == "sgd" else PROTOCOLS[name][1](splits[tap], cfg, device)
         row = Result(**key, metric=spec.metric, value=value, seconds=time.perf_counter() - start,
                      config=settings, extra={**extra, **(tags or {})})
         store.put([row])
