@@ -36,3 +36,28 @@ def test_sweep_runs_grid_and_resumes_without_redoing(tmp_path):
     assert any("in the store, skipped" in line for line in log)  # the first cell is not touched
     assert {r.model: r.created for r in store.query() if r.model != second} == created
     assert len(again) == 4 and len(store.query()) == 4
+
+
+def test_grids_in_a_list_run_in_order_and_cells_carry_their_settings():
+    from selfsup.sweep import cell_config, cells
+
+    spec = {"base": {"train": {"epochs": 1}},
+            "grid": [{"method": ["rotation", "jigsaw"], "backbone": ["resnet50"], "width": [0.125]},
+                     {"method": ["rotation"], "backbone": ["vgg19_bn"], "width": [0.125]},
+                     {"method": ["rotation"], "backbone": ["resnet50"], "width": [0.125]},   # a repeat: once
+                     {"method": ["rotation"], "backbone": ["resnet50"], "width": [0.0625],
+                      "representation_dim": [512, 2048]}],
+            "overrides": {"jigsaw": {"train": {"batch_size": 128}},
+                          "vgg19_bn": {"optim": {"weight_decay": 5e-4}}}}
+    grid = cells(spec)
+    assert [(c.method, c.backbone, c.width, c.representation_dim) for c in grid] == [
+        ("rotation", "resnet50", 0.125, None), ("jigsaw", "resnet50", 0.125, None),
+        ("rotation", "vgg19_bn", 0.125, None),
+        ("rotation", "resnet50", 0.0625, 512), ("rotation", "resnet50", 0.0625, 2048)]
+    rot, jig, vgg, r512, _ = (cell_config(spec, c) for c in grid)
+    assert rot.optim.weight_decay == 1e-4 and vgg.optim.weight_decay == 5e-4      # keyed by backbone
+    assert jig.train.batch_size == 128 and rot.train.batch_size != 128             # keyed by method
+    assert r512.backbone.options == {"representation_dim": 512}
+    grid[3].settings = "abc123"
+    assert grid[3].name == "rotation-resnet50-w0.0625-r512-s0-abc123"
+    assert grid[3].coordinates()["representation_dim"] == 512 and "representation_dim" not in grid[0].coordinates()

@@ -13,18 +13,23 @@ Example (``src/selfsup/configs/revisiting/small_sweep.yaml``)::
       backbone: [resnet50, resnet50_v2, revnet50, vgg19_bn]
       width: [0.25, 0.5, 1.0]
       seed: [0]
+      # representation_dim: [512, 2048]  # optional: the representation-size study (backbone bottleneck)
     evaluate:
       data: tinyimagenet100
       protocols:                         # protocol -> taps ("all" = every tap of the backbone, layer-wise)
         linear: all
         mlp: [pre_logits]
+      train_per_class: 100               # optional: probe on a seeded subset of train (CPU-sized studies)
+      max_dims: 2048                     # optional: bound on each pooled tap (default ~9,000, the paper's)
+      overrides: {linear: {max_iter: 50}}  # optional: protocol settings (as `selfsup evaluate`)
 
-Cells are named ``method-backbone-wWIDTH-sSEED-HASH``, the hash of the cell's resolved config, so
+Cells are named ``method-backbone-wWIDTH[-rDIM]-sSEED-HASH``, the hash of the cell's resolved config, so
 changing any setting makes new cells rather than reusing old figures. A cell whose figures are all in
 the results store is skipped without loading anything; a cell whose
 pretraining was interrupted resumes from its last checkpoint (exact resume); an evaluation already in
 the store is not recomputed. So re-running the same command after a kill finishes the grid and redoes
-nothing. Every stored row carries the cell's coordinates in ``extra["cell"]`` for the report.
+nothing. Every stored row carries the cell's coordinates in ``extra["cell"]`` and its pre-logits size in
+``extra["pre_logits_dim"]`` for the report.
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ from pathlib import Path
 from selfsup import backbones, methods
 from selfsup.config import build, config_hash, read_yaml, to_dict
 from selfsup.data.registry import resolve
-from selfsup.evaluate.features import load_encoder
+from selfsup.evaluate.features import MAX_DIMS, load_encoder
 from selfsup.evaluate.suite import evaluate_model
 from selfsup.results.store import Store
 from selfsup.train.loop import pretrain
 
-GRID_KEYS = ("method", "backbone", "width", "seed")
+GRID_KEYS = ("method", "backbone", "width", "seed", "representation_dim")
 
 
 @dataclass
@@ -51,44 +56,60 @@ class Cell:
     backbone: str
     width: float
     seed: int
+    representation_dim: int | None = None  # Kolesnikov et al.'s representation-size study; None = the network's own
     settings: str = ""   # hash of the cell's resolved config: other settings make another cell
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.backbone}-w{self.width:g}-s{self.seed}-{self.settings}"
+        rep = f"-r{self.representation_dim}" if self.representation_dim else ""
+        return f"{self.method}-{self.backbone}-w{self.width:g}{rep}-s{self.seed}-{self.settings}"
 
     def coordinates(self) -> dict:
-        return {"method": self.method, "backbone": self.backbone, "width": self.width, "seed": self.seed}
+        coords = {"method": self.method, "backbone": self.backbone, "width": self.width, "seed": self.seed}
+        if self.representation_dim:
+            coords["representation_dim"] = self.representation_dim
+        return coords
 
 
 def cells(spec: dict) -> list[Cell]:
-    grid = spec.get("grid") or {}
-    unknown = set(grid) - set(GRID_KEYS)
+    """The product of the grid's lists; ``grid`` may also be a list of such mappings (a study that is not
+    one product, e.g. every width for one architecture and one width for another), run in order."""
+    grids = spec.get("grid") or {}
+    if isinstance(grids, list):
+        found = [cell for grid in grids for cell in cells({**spec, "grid": grid})]
+        return [cell for i, cell in enumerate(found) if cell not in found[:i]]
+    unknown = set(grids) - set(GRID_KEYS)
     if unknown:
         raise KeyError(f"unknown grid key(s) {sorted(unknown)}; a grid has {', '.join(GRID_KEYS)}")
-    base = spec.get("base", {})
+    grid, base = grids, spec.get("base", {})
     values = [grid.get("method") or [base.get("method", {}).get("name", "simclr")],
               grid.get("backbone") or [base.get("backbone", {}).get("name", "resnet18")],
               grid.get("width") or [base.get("backbone", {}).get("width", 1.0)],
-              grid.get("seed") or [base.get("train", {}).get("seed", 0)]]
-    return [Cell(m, b, float(w), int(s)) for m, b, w, s in itertools.product(*values)]
+              grid.get("seed") or [base.get("train", {}).get("seed", 0)],
+              grid.get("representation_dim") or [None]]
+    return [Cell(m, b, float(w), int(s), None if r is None else int(r))
+            for m, b, w, s, r in itertools.product(*values)]
 
 
 def cell_config(spec: dict, cell: Cell):
     layer = {"method": {"name": cell.method}, "backbone": {"name": cell.backbone, "width": cell.width},
              "train": {"seed": cell.seed}}
+    if cell.representation_dim:
+        layer["backbone"]["options"] = {"representation_dim": cell.representation_dim}
     base = dict(spec.get("base", {}))
     # the grid's method replaces the base's; the base's method options apply only to that same method
     if base.get("method", {}).get("name") not in (None, cell.method):
         base = {k: v for k, v in base.items() if k != "method"}
+    overrides = spec.get("overrides", {})  # keyed by method or by backbone name (the backbone's win)
     return build({"optim": methods.get(cell.method).optim_defaults}, base, layer,
-                 spec.get("overrides", {}).get(cell.method, {}))
+                 overrides.get(cell.method, {}), overrides.get(cell.backbone, {}))
 
 
 def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) -> list:
     spec = read_yaml(path)
     out = Path(spec.get("out", "runs/sweep"))
-    ev = {"data": None, "protocols": ["linear"], "taps": ["pre_logits"], **spec.get("evaluate", {})}
+    ev = {"data": None, "protocols": ["linear"], "taps": ["pre_logits"], "train_per_class": None, "overrides": {},
+          "max_dims": MAX_DIMS, **spec.get("evaluate", {})}
     # protocols: a list (each on ``taps``) or a mapping protocol -> taps
     plan = ev["protocols"] if isinstance(ev["protocols"], dict) else {p: ev["taps"] for p in ev["protocols"]}
     grid = cells(spec)
@@ -97,11 +118,13 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
         cfg = cell_config(spec, cell)
         cell.settings = config_hash(to_dict(cfg))[:6]
         data = ev["data"] or cfg.data.name
-        every = tuple(backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,
-                                      **cfg.backbone.options).taps)
+        net = backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,
+                              **cfg.backbone.options)
+        every = tuple(net.taps)
         taps = {p: every if t == "all" else tuple(t) for p, t in plan.items()}
         dataset = resolve(data).name
         if all(store.has(model=cell.name, dataset=dataset, protocol=p, tap=t) for p in taps for t in taps[p]):
+            # (has() ignores the probe settings: change them and the cells are evaluated by `selfsup evaluate`)
             log(f"[{i}/{len(grid)}] {cell.name}: in the store, skipped")
             rows += store.query(model=cell.name)
             continue
@@ -112,6 +135,9 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
         for protocol, protocol_taps in taps.items():
             log(f"[{i}/{len(grid)}] {cell.name}: {protocol} on {data}, taps {', '.join(protocol_taps)}")
             rows += evaluate_model(encoder, data, [protocol], store, taps=protocol_taps, device=device,
-                                   tags={"cell": cell.coordinates(), "sweep": str(path)})
+                                   overrides=ev["overrides"], train_per_class=ev["train_per_class"],
+                                   max_dims=ev["max_dims"],
+                                   tags={"cell": cell.coordinates(), "pre_logits_dim": net.out_dim,
+                                         "sweep": str(path)})
         log(f"[{i}/{len(grid)}] {cell.name}: done in {time.perf_counter() - start:.0f} s")
     return rows
