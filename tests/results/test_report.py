@@ -31,3 +31,24 @@ def test_report_marks_best_and_draws_sweep_figures(tmp_path):
 def test_empty_store_says_what_to_run(tmp_path):
     page = build_report(Store(tmp_path / "r.sqlite"), tmp_path / "report.html").read_text()
     assert "results store is empty" in page
+
+
+def test_report_draws_representation_size_and_probe_epochs_and_separates_settings(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    rows = []
+    for dim, value in ((128, 20.0), (512, 24.0), (2048, 27.0)):     # one width, three representation sizes
+        cell = {"method": "rotation", "backbone": "resnet50", "width": 0.0625, "seed": 0}
+        if dim != 128:
+            cell["representation_dim"] = dim
+        rows.append(Result(f"rot-{dim}", f"h{dim}", "tiny", "val", "linear", "pre_logits", "c", "top1", value,
+                           extra={"cell": cell, "pre_logits_dim": dim}))
+    curve = [[1, 10.0], [2, 15.0], [3, 18.0]]
+    rows.append(Result("rot-128", "h128", "tiny", "val", "sgd", "pre_logits", "s", "top1", 18.0,
+                       extra={"curve": curve}))
+    rows.append(Result("rot-128", "h128", "tiny", "val", "linear", "pre_logits", "t", "top1", 19.0,
+                       config={"view": "tiles"}))
+    store.put(rows)
+    page = build_report(store, tmp_path / "report.html").read_text()
+    assert "Representation size at fixed width" in page and "Accuracy against probe epochs" in page
+    assert "rot-128 (view=tiles)" in page                   # another measurement of the same model and tap
+    assert "<td>19.00</td>" in page and "<td>20.00</td>" in page

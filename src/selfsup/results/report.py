@@ -6,7 +6,13 @@ What it draws depends on what the store holds:
 - always: a table per (dataset, protocol) of models × taps, the best value of each column marked;
 - for sweep rows (``extra["cell"]``, Kolesnikov et al. 2019's study): top-1 against width per method, one
   panel per architecture (their Fig. 2/3); top-1 by layer per architecture (their layer-wise figure);
-  linear against MLP probe, one point per model (their "linear and MLP probes rank alike").
+  linear against MLP probe, one point per model (their "linear and MLP probes rank alike"); top-1 against
+  representation size at a fixed width (their representation-size study);
+- for SGD-probe rows (``extra["curve"]``): test top-1 against probe epochs, one panel per model, with the
+  converged L-BFGS figure of the same tap dashed (their schedule study: the SGD probe needs long training).
+
+Rows of one model and tap measured with other probe settings (``view``, ``train_per_class``, ``max_dims``)
+get their own table row, labelled with those settings.
 """
 
 from __future__ import annotations
@@ -31,6 +37,14 @@ def _png(fig) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+SETTINGS_SHOWN = ("view", "train_per_class", "max_dims")  # probe settings that make a row another measurement
+
+
+def _label(r: Result) -> str:
+    shown = [f"{k}={r.config[k]}" for k in SETTINGS_SHOWN if k in r.config]
+    return r.model + (f" ({', '.join(shown)})" if shown else "")
+
+
 def _tables(rows: list[Result]) -> str:
     groups: dict[tuple, list[Result]] = defaultdict(list)
     for r in rows:
@@ -38,8 +52,8 @@ def _tables(rows: list[Result]) -> str:
     parts = []
     for (dataset, protocol, metric), group in sorted(groups.items()):
         taps = sorted({r.tap for r in group}, key=lambda t: (TAP_ORDER.index(t) if t in TAP_ORDER else 99, t))
-        models = sorted({r.model for r in group})
-        value = {(r.model, r.tap): r for r in group}
+        models = sorted({_label(r) for r in group})
+        value = {(_label(r), r.tap): r for r in group}
         best = {t: max((value[(m, t)].value for m in models if (m, t) in value), default=None) for t in taps}
         head = "".join(f"<th>{html.escape(t)}</th>" for t in taps)
         body = []
@@ -64,8 +78,9 @@ def _sweep_figures(rows: list[Result]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [r for r in rows if "cell" in r.extra]
-    if not cells:
+    sized = [r for r in rows if "cell" in r.extra and "representation_dim" in r.extra["cell"]]
+    cells = [r for r in rows if "cell" in r.extra and "representation_dim" not in r.extra["cell"]]
+    if not cells and not sized:
         return ""
     out = ["<h2>Architecture study (sweep cells)</h2>"]
     archs = sorted({r.extra["cell"]["backbone"] for r in cells})
@@ -100,7 +115,7 @@ def _sweep_figures(rows: list[Result]) -> str:
             axes[0][0].set_ylabel(f"{protocol} top-1")
             out.append(f"<h3>{html.escape(protocol)}: top-1 by layer</h3>{_png(fig)}")
     pairs = defaultdict(dict)
-    for r in cells:
+    for r in cells + sized:
         if r.tap == "pre_logits" and r.protocol in ("linear", "mlp"):
             pairs[r.model][r.protocol] = r.value
     both = [(v["linear"], v["mlp"]) for v in pairs.values() if len(v) == 2]
@@ -112,7 +127,58 @@ def _sweep_figures(rows: list[Result]) -> str:
         ax.set_xlabel("linear top-1")
         ax.set_ylabel("MLP top-1")
         out.append(f"<h3>Linear against MLP probe (one point per model)</h3>{_png(fig)}")
+    out.append(_representation_size(cells + sized, plt))
     return "\n".join(out)
+
+
+def _representation_size(rows: list[Result], plt) -> str:
+    """Top-1 (pre-logits) against the representation's size, one line per (method, backbone, width) that
+    was trained at more than one size: the native size (tag ``pre_logits_dim``) and the bottleneck ones."""
+    lines: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.tap == "pre_logits" and "pre_logits_dim" in r.extra:
+            c = r.extra["cell"]
+            lines[(c["method"], c["backbone"], c["width"])][r.protocol].append((r.extra["pre_logits_dim"], r.value))
+    lines = {k: v for k, v in lines.items() if any(len({d for d, _ in pts}) > 1 for pts in v.values())}
+    if not lines:
+        return ""
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    for (method, backbone, width), by_protocol in sorted(lines.items()):
+        for protocol, pts in sorted(by_protocol.items()):
+            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=f"{method} {backbone} w{width:g} ({protocol})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("representation size (pre-logits dims)")
+    ax.set_ylabel("top-1 (pre-logits)")
+    ax.legend(fontsize=6)
+    return f"<h3>Representation size at fixed width</h3>{_png(fig)}"
+
+
+def _probe_epochs(rows: list[Result]) -> str:
+    """Test top-1 of the SGD probe after every epoch, one panel per model and dataset, a line per tap; the
+    L-BFGS probe's figure for the same model, dataset and tap is drawn dashed in the same colour."""
+    curves = [r for r in rows if r.protocol == "sgd" and r.extra.get("curve")]
+    if not curves:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lbfgs = {(r.model, r.dataset, r.tap): r.value for r in rows if r.protocol == "linear"}
+    panels = sorted({(r.model, r.dataset) for r in curves})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.0), squeeze=False)
+    for ax, (model, dataset) in zip(axes[0], panels, strict=True):
+        mine = sorted((r for r in curves if (r.model, r.dataset) == (model, dataset)),
+                      key=lambda r: TAP_ORDER.index(r.tap) if r.tap in TAP_ORDER else 99)
+        for r in mine:
+            (line,) = ax.plot(*zip(*r.extra["curve"], strict=True), label=r.tap)
+            if (model, dataset, r.tap) in lbfgs:
+                ax.axhline(lbfgs[(model, dataset, r.tap)], color=line.get_color(), ls="--", lw=0.8)
+        ax.set_title(f"{model} · {dataset}", fontsize=8)
+        ax.set_xlabel("probe epoch")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("SGD probe test top-1 (dashed: L-BFGS)")
+    return f"<h2>Accuracy against probe epochs</h2>{_png(fig)}"
 
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em} table{border-collapse:collapse;margin-bottom:1em}
@@ -130,7 +196,7 @@ def build_report(store: Store, out: str | Path) -> Path:
     body = _tables(rows) if rows else "<p>The results store is empty: run selfsup bench, evaluate or sweep.</p>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>selfsup report</title><style>{STYLE}"
             f"</style></head><body><h1>selfsup report</h1><p>{len(rows)} results from {html.escape(str(store.path))}"
-            f"</p><h2>Results</h2>{body}{_sweep_figures(rows)}</body></html>")
+            f"</p><h2>Results</h2>{body}{_sweep_figures(rows)}{_probe_epochs(rows)}</body></html>")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(page)
     tmp.replace(out)
