@@ -26,6 +26,9 @@ def test_errors_name_the_value_and_the_fix(capsys):
     assert "unknown method 'nosuchmethod'; available: simclr" in capsys.readouterr().err
     assert main(["pretrain", "simclr", "--out", "x", "--print-config", "optim.wd=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
+    # protocol settings after the flags reach evaluate (which then names the missing model)
+    assert main(["evaluate", "missing-run", "--protocol", "sgd", "sgd.epochs=3", "--store", "x.sqlite"]) == 2
+    assert "missing-run is neither a run directory" in capsys.readouterr().err
 
 
 def test_help_documents_every_pretrain_flag():

@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                    "dims (default 9000, Kolesnikov et al.'s)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
+    p.set_defaults(overrides=[])  # protocol.key=value after the flags land here (see main)
     _add_store(p)
 
     p = sub.add_parser("bench", help="the main job: pretrain on the bundled sample (or --data), then evaluate the "
@@ -189,7 +190,7 @@ def cmd_evaluate(args) -> int:
 
     store = Store(args.store)
     rows = []
-    settings = parse_overrides([m for m in args.models if "=" in m])
+    settings = parse_overrides([m for m in args.models if "=" in m] + args.overrides)
     for model in (m for m in args.models if "=" not in m):
         encoder = load_encoder(model)
         if args.random_init:
