@@ -46,7 +46,7 @@ def test_grids_in_a_list_run_in_order_and_cells_carry_their_settings():
                      {"method": ["rotation"], "backbone": ["vgg19_bn"], "width": [0.125]},
                      {"method": ["rotation"], "backbone": ["resnet50"], "width": [0.125]},   # a repeat: once
                      {"method": ["rotation"], "backbone": ["resnet50"], "width": [0.0625],
-                      "representation_dim": [512, 2048]}],
+                      "representation_dim": [512, 2048], "evaluate": {"protocols": ["linear"]}}],
             "overrides": {"jigsaw": {"train": {"batch_size": 128}},
                           "vgg19_bn": {"optim": {"weight_decay": 5e-4}}}}
     grid = cells(spec)
@@ -60,4 +60,5 @@ def test_grids_in_a_list_run_in_order_and_cells_carry_their_settings():
     assert r512.backbone.options == {"representation_dim": 512}
     grid[3].settings = "abc123"
     assert grid[3].name == "rotation-resnet50-w0.0625-r512-s0-abc123"
+    assert grid[3].evaluate == {"protocols": ["linear"]} and grid[0].evaluate is None   # per-grid probes
     assert grid[3].coordinates()["representation_dim"] == 512 and "representation_dim" not in grid[0].coordinates()

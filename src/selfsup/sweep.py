@@ -58,6 +58,7 @@ class Cell:
     seed: int
     representation_dim: int | None = None  # Kolesnikov et al.'s representation-size study; None = the network's own
     settings: str = ""   # hash of the cell's resolved config: other settings make another cell
+    evaluate: dict | None = None  # its grid's own ``evaluate`` entries, over the sweep's
 
     @property
     def name(self) -> str:
@@ -73,12 +74,13 @@ class Cell:
 
 def cells(spec: dict) -> list[Cell]:
     """The product of the grid's lists; ``grid`` may also be a list of such mappings (a study that is not
-    one product, e.g. every width for one architecture and one width for another), run in order."""
+    one product, e.g. every width for one architecture and one width for another), run in order; each may
+    carry its own ``evaluate`` entries (e.g. layer-wise probes for some cells only)."""
     grids = spec.get("grid") or {}
     if isinstance(grids, list):
         found = [cell for grid in grids for cell in cells({**spec, "grid": grid})]
         return [cell for i, cell in enumerate(found) if cell not in found[:i]]
-    unknown = set(grids) - set(GRID_KEYS)
+    unknown = set(grids) - set(GRID_KEYS) - {"evaluate"}
     if unknown:
         raise KeyError(f"unknown grid key(s) {sorted(unknown)}; a grid has {', '.join(GRID_KEYS)}")
     grid, base = grids, spec.get("base", {})
@@ -87,7 +89,7 @@ def cells(spec: dict) -> list[Cell]:
               grid.get("width") or [base.get("backbone", {}).get("width", 1.0)],
               grid.get("seed") or [base.get("train", {}).get("seed", 0)],
               grid.get("representation_dim") or [None]]
-    return [Cell(m, b, float(w), int(s), None if r is None else int(r))
+    return [Cell(m, b, float(w), int(s), None if r is None else int(r), evaluate=grids.get("evaluate"))
             for m, b, w, s, r in itertools.product(*values)]
 
 
@@ -108,13 +110,14 @@ def cell_config(spec: dict, cell: Cell):
 def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) -> list:
     spec = read_yaml(path)
     out = Path(spec.get("out", "runs/sweep"))
-    ev = {"data": None, "protocols": ["linear"], "taps": ["pre_logits"], "train_per_class": None, "overrides": {},
-          "max_dims": MAX_DIMS, **spec.get("evaluate", {})}
-    # protocols: a list (each on ``taps``) or a mapping protocol -> taps
-    plan = ev["protocols"] if isinstance(ev["protocols"], dict) else {p: ev["taps"] for p in ev["protocols"]}
+    defaults = {"data": None, "protocols": ["linear"], "taps": ["pre_logits"], "train_per_class": None,
+                "overrides": {}, "max_dims": MAX_DIMS, **spec.get("evaluate", {})}
     grid = cells(spec)
     rows = []
     for i, cell in enumerate(grid, 1):
+        ev = {**defaults, **(cell.evaluate or {})}
+        # protocols: a list (each on ``taps``) or a mapping protocol -> taps
+        plan = ev["protocols"] if isinstance(ev["protocols"], dict) else {p: ev["taps"] for p in ev["protocols"]}
         cfg = cell_config(spec, cell)
         cell.settings = config_hash(to_dict(cfg))[:6]
         data = ev["data"] or cfg.data.name
