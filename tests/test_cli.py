@@ -21,13 +21,13 @@ def test_print_config_layers_recipe_flags_and_overrides(capsys):
     assert "name: lars" in text    # from the recipe (and SimCLR's paper defaults)
 
 
-def test_errors_name_the_value_and_the_fix(capsys):
+def test_errors_name_the_value_and_the_fix(capsys, tmp_path):
     assert main(["pretrain", "nosuchmethod", "--out", "x"]) == 2
     assert "unknown method 'nosuchmethod'; available: simclr" in capsys.readouterr().err
     assert main(["pretrain", "simclr", "--out", "x", "--print-config", "optim.wd=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
     # protocol settings after the flags reach evaluate (which then names the missing model)
-    assert main(["evaluate", "missing-run", "--protocol", "sgd", "sgd.epochs=3", "--store", "x.sqlite"]) == 2
+    assert main(["evaluate", "missing-run", "--protocol", "sgd", "sgd.epochs=3", "--store", str(tmp_path / "r.sqlite")]) == 2
     assert "missing-run is neither a run directory" in capsys.readouterr().err
 
 
