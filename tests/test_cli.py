@@ -27,7 +27,8 @@ def test_errors_name_the_value_and_the_fix(capsys, tmp_path):
     assert main(["pretrain", "simclr", "--out", "x", "--print-config", "optim.wd=1"]) == 2
     assert "valid keys" in capsys.readouterr().err
     # protocol settings after the flags reach evaluate (which then names the missing model)
-    assert main(["evaluate", "missing-run", "--protocol", "sgd", "sgd.epochs=3", "--store", str(tmp_path / "r.sqlite")]) == 2
+    store = str(tmp_path / "r.sqlite")
+    assert main(["evaluate", "missing-run", "--protocol", "sgd", "sgd.epochs=3", "--store", store]) == 2
     assert "missing-run is neither a run directory" in capsys.readouterr().err
 
 
