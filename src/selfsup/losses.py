@@ -6,6 +6,8 @@ equation number, so a reader can check them in one place.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +92,82 @@ def triplet_semihard(embeddings: torch.Tensor, labels: torch.Tensor, margin: flo
     d_an = torch.where(has_semihard, outside, inside.expand(n, n))
     hinge = (dist - d_an + margin).clamp_min(0.0)
     return hinge[positive].sum() / positive.sum().clamp_min(1)
+
+
+def nce_scores(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+               temperature: float = 0.07) -> torch.Tensor:
+    """The scores s(u, v)/τ of NCE against a memory bank (Wu et al. 2018 §3.2; Misra & van der Maaten 2020,
+    PIRL §3.2, eq. 3): B × (1 + N), column 0 the positive, with s the cosine similarity.
+
+    query: B × d embeddings (normalised here); positive: B × d bank entries m_I; negatives: B × N × d bank
+    entries m_I' per sample, or N × d shared by the batch. Bank entries are unit vectors already, so only the
+    query is normalised (normalising B·N·d negatives again would double the memory traffic of the step).
+    Computed in float32 even under autocast: the scores go through exp(s/τ) with τ = 0.07.
+    """
+    with torch.autocast(query.device.type, enabled=False):
+        q = F.normalize(query.float(), dim=1)
+        pos = (q * positive.float()).sum(1, keepdim=True)
+        if negatives.dim() == 2:
+            neg = q @ negatives.float().T
+        else:
+            neg = torch.bmm(negatives.float(), q.unsqueeze(2)).squeeze(2)
+        return torch.cat([pos, neg], 1) / temperature
+
+
+def estimate_nce_z(scores: torch.Tensor, num_items: int) -> torch.Tensor:
+    """VISSL's normalising constant (``NCEAverage.compute_partition_function``, after Wu et al.'s
+    lemniscate): Z = mean(exp(s/τ)) · |D| over all B × (1 + N) scores of a batch, so that exp(s/τ)/Z
+    approximates a probability over the |D| images (Wu et al. 2018, eq. 4–5, Monte-Carlo estimate of Z)."""
+    return scores.detach().float().exp().mean() * num_items
+
+
+def nce_from_scores(scores: torch.Tensor, num_items: int, z: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """L_NCE of PIRL eq. 4 from the scores of ``nce_scores`` (column 0 the positive, N negatives):
+
+        h(u, v) = e(u, v) / (e(u, v) + N/|D|),    e(u, v) = exp(s(u, v)/τ) / Z          (eq. 3)
+        L_NCE = −log h(q, m_I) − Σ_{I' ∈ D_N} log(1 − h(q, m_I'))                        (eq. 4)
+
+    averaged over the batch (VISSL's ``NCECriterion`` divides the sums by the batch size). ``z = 1`` is
+    eq. 3 as printed; VISSL (whose numbers the paper reports) divides by Z (``estimate_nce_z``), without
+    which e ≫ N/|D| for every pair and h ≈ 1 saturates. Computed in log space, exactly:
+    log h = x − logaddexp(x, log(N/|D|)) and log(1 − h) = log(N/|D|) − logaddexp(x, log(N/|D|)) with
+    x = s/τ − log Z (VISSL instead adds float32 eps to the denominators).
+    """
+    n = scores.shape[1] - 1
+    log_prior = torch.tensor(math.log(n / num_items), dtype=scores.dtype, device=scores.device)
+    x = scores - torch.log(torch.as_tensor(z, dtype=scores.dtype, device=scores.device))
+    denom = torch.logaddexp(x, log_prior)
+    log_h_pos = x[:, 0] - denom[:, 0]
+    log_not_h_neg = log_prior - denom[:, 1:]
+    return -(log_h_pos + log_not_h_neg.sum(1)).mean()
+
+
+def nce_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, num_items: int,
+             temperature: float = 0.07, z: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """PIRL eq. 3–4 (and InstDisc's NCE, Wu et al. 2018 eq. 6–7) in one call: ``nce_from_scores`` of
+    ``nce_scores``. See those two for the shapes and the normalising constant ``z``.
+
+    Example::
+
+        neg = bank.lookup(sample_negatives(index, 4096, len(bank), g))            # B × 4096 × 128
+        loss = nce_loss(head(backbone(x)), bank.lookup(index), neg, num_items=len(dataset), z=z)
+    """
+    return nce_from_scores(nce_scores(query, positive, negatives, temperature), num_items, z)
+
+
+def pirl_loss(image_scores: torch.Tensor, transformed_scores: torch.Tensor | list[torch.Tensor], num_items: int,
+              lam: float = 0.5, z: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """PIRL's objective (Misra & van der Maaten 2020, §3.2, eq. 5), from ``nce_scores`` against the memory bank:
+
+        L = λ · L_NCE(m_I, g(v_I^t)) + (1 − λ) · L_NCE(m_I, f(v_I)),    λ = 0.5
+
+    ``image_scores`` are f(v_I)'s scores, ``transformed_scores`` g(v_I^t)'s; a list of several transformed
+    branches (PIRL with jigsaw and rotation) averages their terms: λ · mean_t L_NCE(m_I, g_t) + (1 − λ) · ….
+    λ = 0 is NPID++ (the image term only). One Z for all terms, as VISSL.
+    """
+    if isinstance(transformed_scores, torch.Tensor):
+        transformed_scores = [transformed_scores]
+    image = nce_from_scores(image_scores, num_items, z)
+    # no shortcut at λ = 0 or 1: a zero-weighted term still puts its head in the graph, which DDP requires
+    transformed = torch.stack([nce_from_scores(s, num_items, z) for s in transformed_scores]).mean()
+    return lam * transformed + (1.0 - lam) * image
