@@ -5,11 +5,14 @@ from __future__ import annotations
 from selfsup.methods.base import Method
 from selfsup.methods.exemplar import Exemplar
 from selfsup.methods.jigsaw import Jigsaw
+from selfsup.methods.npid import NPID, NPIDPlusPlus
+from selfsup.methods.pirl import PIRL
 from selfsup.methods.relative_patch import RelativePatchLocation
 from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
+                                                        NPIDPlusPlus, PIRL)}
 
 
 def get(name: str) -> type[Method]:

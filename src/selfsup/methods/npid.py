@@ -1,0 +1,178 @@
+"""Instance discrimination with a memory bank: NPID / InstDisc (Wu, Xiong, Yu, Lin 2018, "Unsupervised Feature
+Learning via Non-Parametric Instance Discrimination", CVPR) and NPID++ (Misra & van der Maaten 2020, PIRL §4.2).
+
+Every training image is its own class. f = backbone pre-logits → linear 128, L2-normalised (Wu et al. §3.1,
+their ``low_dim`` fc + ``Normalize``). Its positive is the image's own memory-bank entry m_I and its N
+negatives are bank entries drawn uniformly (``nn.memory_bank``); the loss is NCE (Wu et al. §3.2 eq. 6–7 =
+PIRL eq. 3–4, ``losses.nce_loss``) with τ = 0.07 and the normalising constant Z estimated from the first
+batch and then fixed (``NormalizingConstant``, as their code and VISSL). After the optimiser step the bank
+takes m_I ← normalise(0.5 m_I + 0.5 f(v_I)) with the f of that step's forward pass (``after_step``): the
+same values VISSL and lemniscate write during the forward, one step's loss never sees its own write, and
+the bank stays out of the autograd graph.
+
+``npid``: N = 4,096 and the recipe of Wu et al.'s code (lemniscate.pytorch ``main.py``): random resized
+crop scale 0.2–1, grayscale 0.2, colour jitter 0.4 (all four, always), flip; SGD momentum 0.9, lr 0.03 ×
+batch/256, weight decay 1e-4 on all parameters, 200 epochs with ×0.1 at 120 and 160. Deviation: their
+order is crop, grayscale, jitter, flip; ``make_view``'s is crop+flip, jitter, grayscale.
+``npid++``: PIRL with λ = 0 (PIRL §4.2, "NPID++"): N = 32,000, PIRL's image augmentation
+(``views.pirl_views``) and PIRL's optimisation, 800 epochs in the paper. (VISSL's npid++ config uses a
+plainer augmentation, jitter 0.4 with hue 0.4, crop and flip; we keep PIRL's so that the λ ablation changes
+only λ.)
+
+Options beyond the papers: ``norm_constant`` ("first_batch", VISSL; "every_step" re-estimates Z on every
+batch; "none" is eq. 3 as printed, Z = 1) and ``shared_negatives`` (one set of N negatives for the whole
+batch instead of N per sample: B× less gathering and memory; the negatives may then include a sample's own
+image, with probability N/|D|). N is capped at |D| − 1: negatives are drawn with replacement from the
+other images, and N/|D| ≤ 1 keeps the prior of eq. 3 a probability ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.losses import estimate_nce_z, nce_from_scores, nce_scores
+from selfsup.methods.base import Method
+from selfsup.nn.distributed import is_distributed
+from selfsup.nn.memory_bank import MemoryBank, exclude_from_ddp, sample_negatives
+from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, ViewConfig, make_view
+from selfsup.views.pirl_views import pirl_image_view
+
+# Wu et al.'s code (lemniscate.pytorch main.py): RandomResizedCrop(224, scale=(0.2, 1)), RandomGrayscale(0.2),
+# ColorJitter(0.4, 0.4, 0.4, 0.4), RandomHorizontalFlip, ImageNet normalisation.
+NPID_VIEW = ViewConfig(size=224, crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
+
+# Wu et al.'s code: SGD momentum 0.9, lr 0.03 (batch 256), weight decay 1e-4, 200 epochs, ×0.1 at 120 and 160.
+NPID_OPTIM = dict(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="step", milestones=[120, 160],
+                  gamma=0.1, warmup_epochs=0)
+
+# PIRL (§4.1, VISSL pirl_jigsaw_4node_resnet): SGD momentum 0.9, weight decay 1e-4 without BN and biases,
+# cosine from 0.12 at batch 1024 (VISSL's auto-scaling of 0.03 × batch/256) to 0.12e-3, 800 epochs.
+PIRL_OPTIM = dict(name="sgd", lr=0.03, scale_lr=True, momentum=0.9, weight_decay=1e-4, exclude_norm_and_bias=True,
+                  schedule="cosine", final_lr_ratio=1e-3, warmup_epochs=0)
+
+NORM_CONSTANT_MODES = ("first_batch", "every_step", "none")
+
+
+@dataclass
+class NPIDConfig:
+    num_negatives: int = 4096       # Wu et al. §4 / lemniscate --nce-k; capped at |D| - 1
+    temperature: float = 0.07       # τ
+    embed_dim: int = 128            # f's output (their low_dim)
+    momentum: float = 0.5           # bank update weight on the old entry (their η = 0.5)
+    norm_constant: str = "first_batch"  # Z: first_batch (VISSL) | every_step | none (eq. 3 as printed)
+    shared_negatives: bool = False  # one set of negatives per batch instead of per sample
+    view: str = "npid"              # image augmentation: npid (Wu et al.'s code) | pirl (PIRL / VISSL)
+    size: int | None = None         # crop size; None = the images' own size
+
+
+class NormalizingConstant(nn.Module):
+    """Z of the NCE scores (VISSL ``NCEAverage``): ``first_batch`` estimates Z = mean(exp(s/τ))·|D| on the
+    first call and keeps it (a buffer, so a resumed run keeps it too); ``every_step`` re-estimates it on
+    every call; ``none`` is Z = 1. With several processes the batch means are averaged over ranks
+    (equal batch sizes), so every rank holds the same Z, the single-process value of the global batch."""
+
+    def __init__(self, num_items: int, mode: str = "first_batch"):
+        super().__init__()
+        if mode not in NORM_CONSTANT_MODES:
+            raise ValueError(f"norm_constant={mode!r} is not one of {', '.join(NORM_CONSTANT_MODES)}")
+        self.num_items, self.mode = num_items, mode
+        self.register_buffer("value", torch.tensor(-1.0))   # < 0: not estimated yet
+
+    @torch.no_grad()
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return torch.ones((), device=scores.device)
+        if self.mode == "every_step" or bool(self.value < 0):
+            z = estimate_nce_z(scores, self.num_items)
+            if is_distributed():
+                dist.all_reduce(z)
+                z /= dist.get_world_size()
+            self.value.copy_(z)
+        return self.value.clone()
+
+
+class NPID(Method):
+    name = "npid"
+    summary = "NPID / InstDisc (Wu et al. 2018): NCE against a memory bank, own entry positive, 4,096 negatives"
+    Config = NPIDConfig
+    optim_defaults = NPID_OPTIM
+
+    def __init__(self, backbone, cfg: NPIDConfig, num_images: int):
+        super().__init__(backbone, cfg, num_images)
+        if cfg.view not in ("npid", "pirl"):
+            raise ValueError(f"method.view={cfg.view!r} is not one of npid, pirl")
+        self.head = nn.Linear(backbone.out_dim, cfg.embed_dim)
+        self.bank = MemoryBank(num_images, cfg.embed_dim, cfg.momentum)
+        self.z = NormalizingConstant(num_images, cfg.norm_constant)
+        self.num_negatives = min(cfg.num_negatives, num_images - 1)
+        exclude_from_ddp(self)
+
+    @classmethod
+    def input_stats(cls, cfg) -> tuple[tuple, tuple, bool]:
+        return IMAGENET_MEAN, IMAGENET_STD, False
+
+    # ------------------------------------------------------------------ views
+    def image_view(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        size = self.cfg.size or images.shape[-1]
+        if self.cfg.view == "pirl":
+            return pirl_image_view(images, size, g=g)
+        return make_view(images, dataclasses.replace(NPID_VIEW, size=size), g=g)
+
+    def negatives(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        neg = sample_negatives(index.cpu(), self.num_negatives, self.num_images, g, shared=self.cfg.shared_negatives)
+        return neg.to(index.device)
+
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+        x = self.image_view(images, g)
+        return {"x": x, "index": index, "negatives": self.negatives(index, g)}
+
+    # ------------------------------------------------------------------ model
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """f(v_I): pre-logits → linear 128, L2-normalised."""
+        return F.normalize(self.head(self.backbone(x)["pre_logits"]).float(), dim=1)
+
+    def bank_entries(self, views: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m_I B × d, m_I' B × N × d or N × d) in one exchange with the bank's owners."""
+        index, neg = views["index"], views["negatives"]
+        if neg.dim() == 1:
+            rows = self.bank.lookup(torch.cat([index, neg]))
+            return rows[: index.shape[0]], rows[index.shape[0]:]
+        rows = self.bank.lookup(torch.cat([index[:, None], neg], 1))
+        return rows[:, 0], rows[:, 1:]
+
+    def forward(self, views: dict) -> dict:
+        f = self.embed(views["x"])
+        positive, negatives = self.bank_entries(views)
+        scores = nce_scores(f, positive, negatives, self.cfg.temperature)
+        z = self.z(scores)
+        loss = nce_from_scores(scores, self.num_images, z)
+        return {"loss": loss, **self.diagnostics(scores, z), "bank_index": views["index"], "bank_update": f.detach()}
+
+    @staticmethod
+    def diagnostics(scores: torch.Tensor, z: torch.Tensor) -> dict:
+        """pretext_acc: how often the own bank entry outscores all N negatives; z: the normalising constant."""
+        with torch.no_grad():
+            acc = (scores[:, 0] > scores[:, 1:].amax(1)).float().mean()
+        return {"pretext_acc": acc, "nce_z": z.detach()}
+
+    def after_step(self, out: dict, step: int) -> None:
+        self.bank.update(out["bank_index"], out["bank_update"])
+
+
+@dataclass
+class NPIDPlusPlusConfig(NPIDConfig):
+    num_negatives: int = 32_000     # PIRL §4.2 / VISSL npid++ config
+    view: str = "pirl"
+
+
+class NPIDPlusPlus(NPID):
+    name = "npid++"
+    summary = "NPID++ (Misra & van der Maaten 2020 §4.2): NPID with 32,000 negatives, PIRL's recipe (PIRL at λ = 0)"
+    Config = NPIDPlusPlusConfig
+    optim_defaults = PIRL_OPTIM
