@@ -56,15 +56,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         meta: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the ``keep`` newest ones."""
+         meta: dict | None = None, keep: int = 2, state: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the ``keep`` newest ones. ``state`` replaces
+    ``model.state_dict()`` (e.g. with sharded memory banks gathered whole)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _write_tensors(tmp / "model.safetensors", model.state_dict())
+    _write_tensors(tmp / "model.safetensors", model.state_dict() if state is None else state)
     info = {"step": step, "meta": meta or {}}
     if optimizer is not None:
         tensors, info["optimizer"] = _flatten_optimizer(optimizer.state_dict())

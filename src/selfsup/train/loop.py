@@ -25,6 +25,7 @@ from selfsup import backbones, methods
 from selfsup.config import RunConfig, save_config, to_dict
 from selfsup.data import load
 from selfsup.data.loader import DeviceImages
+from selfsup.nn.memory_bank import full_state_dict
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from selfsup.train.progress import MetricsLog, Progress
@@ -191,8 +192,11 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
                          "images_per_s": rate, "seconds": round(now - last_log, 3)})
                 last_log = now
         if done % t.checkpoint_every == 0 or done == total:
+            # a collective: each rank holds a shard of a memory bank, the checkpoint holds it whole, so a run
+            # resumes on any number of processes
+            state = full_state_dict(raw)
             if fabric.is_global_zero:
-                checkpoint.save(out, done, raw, optimizer, keep=t.keep_checkpoints,
+                checkpoint.save(out, done, raw, optimizer, keep=t.keep_checkpoints, state=state,
                                 meta={"epoch": done / steps_per_epoch, "total": total})
             fabric.barrier()
     progress.close()
