@@ -2,7 +2,8 @@
 
     selfsup pretrain METHOD --data NAME|PATH --backbone NAME [--steps N | --epochs N] [--batch-size N]
                      --out DIR [key=value ...]
-    selfsup evaluate RUN_DIR_OR_CHECKPOINT... --data NAME|PATH [--protocol knn|linear ...]
+    selfsup evaluate RUN_DIR_OR_CHECKPOINT... --data NAME|PATH [--protocol knn|linear|mlp|sgd ...]
+    selfsup invariance RUN_DIR... --data NAME|PATH   PIRL's invariance histogram (pirl and jigsaw runs)
     selfsup bench                       pretrain on the bundled sample, evaluate it and a random-init copy
     selfsup sweep SWEEP.yaml            a grid of runs (method × backbone × width × seed) and their evaluation
     selfsup report [--out report.html]  one self-contained HTML page from the results store
@@ -84,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
     p.set_defaults(overrides=[])  # protocol.key=value after the flags land here (see main)
+    _add_store(p)
+
+    p = sub.add_parser("invariance", help="PIRL's invariance analysis (§4.1, Fig. 4): distances between an image's "
+                       "representation and its jigsaw-transformed version's, for PIRL or Jigsaw runs")
+    p.add_argument("models", nargs="+", metavar="RUN_DIR", help="run directories of pirl or jigsaw pretraining")
+    p.add_argument("--data", default="sample", help="dataset name or path; its held-out split is used")
+    p.add_argument("--representation", help="pirl: heads (default) or trunk; jigsaw: trunk (default) or head")
+    p.add_argument("--seed", type=int, default=0, help="seed of the transformations drawn")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="recompute figures already in the store")
     _add_store(p)
 
     p = sub.add_parser("bench", help="the main job: pretrain on the bundled sample (or --data), then evaluate the "
@@ -206,6 +217,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_invariance(args) -> int:
+    from selfsup.evaluate.suite import evaluate_invariance
+    from selfsup.results.store import Store
+
+    store = Store(args.store)
+    rows = [evaluate_invariance(m, args.data, store, args.representation, args.seed, device=_device(args.device),
+                                force=args.force) for m in args.models]
+    _print_table(rows)
+    print(f"stored in {store.path}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from selfsup import methods
     from selfsup.config import load_config
@@ -293,8 +316,8 @@ def cmd_results(args) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "bench": cmd_bench, "sweep": cmd_sweep,
-            "report": cmd_report, "list": cmd_list, "results": cmd_results}
+COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "invariance": cmd_invariance, "bench": cmd_bench,
+            "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:

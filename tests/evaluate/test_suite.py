@@ -138,3 +138,20 @@ def test_sgd_probe_runs_through_the_suite_with_its_curve_stored(tmp_path):
         evaluate_model(encoder, "sample", ["sgd"], store, overrides={"sgd": {"epoch": 3}})
     with pytest.raises(ValueError, match="unknown protocol 'svm'"):
         evaluate_model(encoder, "sample", ["knn"], store, overrides={"svm": {}})
+
+
+def test_invariance_analysis_lands_one_row_with_its_histogram_in_the_store_and_report(tmp_path):
+    from selfsup.evaluate.suite import evaluate_invariance
+    from selfsup.results.report import build_report
+
+    cfg = build({"method": {"name": "pirl", "size": 32, "num_negatives": 64},
+                 "backbone": {"name": "resnet18", "width": 0.125, "cifar_stem": True},
+                 "train": {"steps": 2, "batch_size": 16, "progress": False}})
+    run = pretrain(cfg, tmp_path / "pirl-run")
+    store = Store(tmp_path / "r.sqlite")
+    row = evaluate_invariance(str(run), "sample", store, bins=20)
+    assert (row.protocol, row.tap, row.metric) == ("invariance", "heads", "l2_unit")
+    assert sum(row.extra["counts"]) == 960 and len(row.extra["edges"]) == 21    # every held-out image, once
+    assert 0 < row.value < 2 and row.extra["method"] == "pirl"
+    assert evaluate_invariance(str(run), "sample", store, bins=20).created == row.created   # from the store
+    assert "Invariance to the jigsaw transformation" in build_report(store, tmp_path / "report.html").read_text()

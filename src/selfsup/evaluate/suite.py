@@ -200,3 +200,30 @@ def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: 
         store.put([row])
         results.append(row)
     return results
+
+
+def evaluate_invariance(path: str, dataset: str, store: Store, representation: str | None = None, seed: int = 0,
+                        bins: int = 50, device: str = "cpu", force: bool = False) -> Result:
+    """PIRL's invariance analysis (§4.1, Fig. 4) of the model in run directory ``path`` on the held-out split
+    of ``dataset`` (its test role): one row, protocol ``invariance``, tap = the representation compared,
+    value = the mean unit-l2 distance between f(v_I) and g(v_I^t), ``extra`` the histogram (``invariance``)."""
+    from selfsup.evaluate.features import load_encoder
+    from selfsup.evaluate.invariance import REPRESENTATIONS, histogram, invariance_distances, load_method
+
+    method = load_method(path)
+    representation = representation or REPRESENTATIONS.get(method.name, ("heads",))[0]
+    encoder = load_encoder(path)
+    spec = resolve(dataset)
+    settings = {"seed": seed, "bins": bins, "representation": representation}
+    key = dict(model=encoder.label, model_hash=encoder.weights_hash, dataset=spec.name, split=spec.test_split,
+               protocol="invariance", tap=representation, config_hash=config_hash(settings))
+    stored = [] if force else store.query(**key)
+    if stored:
+        return stored[0]
+    start = time.perf_counter()
+    d = invariance_distances(method, load(dataset, spec.test_split).images, seed=seed, representation=representation,
+                             device=device)
+    row = Result(**key, metric="l2_unit", value=float(d.mean()), seconds=time.perf_counter() - start,
+                 config=settings, extra={"std": float(d.std()), "method": method.name, **histogram(d, bins)})
+    store.put([row])
+    return row

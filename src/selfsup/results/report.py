@@ -8,6 +8,8 @@ What it draws depends on what the store holds:
   panel per architecture (their Fig. 2/3); top-1 by layer per architecture (their layer-wise figure);
   linear against MLP probe, one point per model (their "linear and MLP probes rank alike"); top-1 against
   representation size at a fixed width (their representation-size study);
+- for invariance rows (``selfsup invariance``, PIRL §4.1 Fig. 4): the histograms of the distances between
+  f(v_I) and g(v_I^t), one line per model;
 - for SGD-probe rows (``extra["curve"]``): test top-1 against probe epochs, one panel per model, with the
   converged L-BFGS figure of the same tap dashed (their schedule study: the SGD probe needs long training).
 
@@ -153,6 +155,31 @@ def _representation_size(rows: list[Result], plt) -> str:
     return f"<h3>Representation size at fixed width</h3>{_png(fig)}"
 
 
+def _invariance(rows: list[Result]) -> str:
+    """PIRL's Fig. 4: per dataset, the distance histogram of every model (as densities, so splits of any size
+    compare), the legend giving each model's mean distance."""
+    found = [r for r in rows if r.protocol == "invariance" and "counts" in r.extra]
+    if not found:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = ["<h2>Invariance to the jigsaw transformation (PIRL Fig. 4)</h2>"]
+    for dataset in sorted({r.dataset for r in found}):
+        fig, ax = plt.subplots(figsize=(4.5, 3.0))
+        for r in sorted((r for r in found if r.dataset == dataset), key=lambda r: (r.model, r.tap)):
+            counts, edges = r.extra["counts"], r.extra["edges"]
+            total = sum(counts) or 1
+            ax.stairs([c / total for c in counts], edges, label=f"{r.model} ({r.tap}): mean {r.value:.2f}")
+        ax.set_xlabel("l2 distance of unit f(v_I) and g(v_I^t)")
+        ax.set_ylabel("fraction of images")
+        ax.legend(fontsize=6)
+        out.append(f"<h3>{html.escape(dataset)}</h3>{_png(fig)}")
+    return "\n".join(out)
+
+
 def _probe_epochs(rows: list[Result]) -> str:
     """Test top-1 of the SGD probe after every epoch, one panel per model and dataset, a line per tap; the
     L-BFGS probe's figure for the same model, dataset and tap is drawn dashed in the same colour."""
@@ -196,7 +223,7 @@ def build_report(store: Store, out: str | Path) -> Path:
     body = _tables(rows) if rows else "<p>The results store is empty: run selfsup bench, evaluate or sweep.</p>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>selfsup report</title><style>{STYLE}"
             f"</style></head><body><h1>selfsup report</h1><p>{len(rows)} results from {html.escape(str(store.path))}"
-            f"</p><h2>Results</h2>{body}{_sweep_figures(rows)}{_probe_epochs(rows)}</body></html>")
+            f"</p><h2>Results</h2>{body}{_sweep_figures(rows)}{_probe_epochs(rows)}{_invariance(rows)}</body></html>")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(page)
     tmp.replace(out)
