@@ -49,7 +49,7 @@ from selfsup.backbones.base import Backbone
 from selfsup.data.registry import per_class_subset
 from selfsup.evaluate.features import Encoder
 from selfsup.evaluate.metrics import score
-from selfsup.evaluate.sgd_probe import probe_view
+from selfsup.evaluate.sgd_probe import epoch_line, probe_view
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop, to_float
 from selfsup.views.patches import standardize_patches
 
@@ -177,8 +177,7 @@ def finetune(model: Encoder | Backbone, train_images: np.ndarray, train_labels, 
             total += loss.item() * len(idx)
         train_time += time.perf_counter() - tick
         done = epoch + 1
-        msg = (f"finetune epoch {done}/{cfg.epochs} loss {total / n:.4f} lr {lr_at(epoch, cfg):.4g} "
-               f"{done * n / train_time:.0f} img/s ETA {train_time / done * (cfg.epochs - done):.0f}s")
+        msg = epoch_line("finetune", done, cfg.epochs, total / n, lr_at(epoch, cfg), n, train_time)
         if done % cfg.eval_every == 0 or done == cfg.epochs:
             top1, top5, value = evaluate()
             curve.append([done, top1, top5])

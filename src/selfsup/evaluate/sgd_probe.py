@@ -130,6 +130,12 @@ def _head(dim: int, num_classes: int, g: torch.Generator) -> nn.Linear:
     return head
 
 
+def epoch_line(what: str, done: int, epochs: int, loss: float, lr: float, images: int, seconds: float) -> str:
+    """The progress line of an image-level probe after ``done`` epochs of ``images`` each in ``seconds``."""
+    return (f"{what} epoch {done}/{epochs} loss {loss:.4f} lr {lr:.4g} {done * images / seconds:.0f} img/s "
+            f"ETA {seconds / done * (epochs - done):.0f}s")
+
+
 def _check(images, labels, split: str) -> None:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"{split} images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
@@ -199,8 +205,7 @@ def sgd_probe(encoder: Encoder, train_images: np.ndarray, train_labels, test_ima
             total += loss.item() * len(idx)
         train_time += time.perf_counter() - tick
         done = epoch + 1
-        msg = (f"sgd probe epoch {done}/{cfg.epochs} loss {total / n:.4f} lr {lr_at(epoch, cfg):.4g} "
-               f"{done * n / train_time:.0f} img/s ETA {train_time / done * (cfg.epochs - done):.0f}s")
+        msg = epoch_line("sgd probe", done, cfg.epochs, total / n, lr_at(epoch, cfg), n, train_time)
         if done % cfg.eval_every == 0 or done == cfg.epochs:
             for t, s in evaluate().items():
                 curves[t].append([done, s])
