@@ -25,7 +25,9 @@ def _worker(rank, world, port, z1, z2, tau, queue):
         a2 = z2[rank * b:(rank + 1) * b].clone().requires_grad_()
         loss = nt_xent(a1, a2, tau)
         loss.backward()
-        queue.put((rank, loss.item(), a1.grad, a2.grad))
+        # numpy arrays travel by value: a tensor would travel as a shared-memory handle that dies with this
+        # process if it exits before the parent reads the queue (seen on a loaded machine)
+        queue.put((rank, loss.item(), a1.grad.numpy(), a2.grad.numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -54,5 +56,6 @@ def test_gather_with_grad_matches_single_process():
     # ... and DDP averages gradients over ranks, so each rank's gradient / world = the full-batch one.
     b = 8 // world
     for rank, _, g1, g2 in results:
+        g1, g2 = torch.from_numpy(g1), torch.from_numpy(g2)
         torch.testing.assert_close(g1 / world, f1.grad[rank * b:(rank + 1) * b], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(g2 / world, f2.grad[rank * b:(rank + 1) * b], atol=1e-6, rtol=1e-5)
