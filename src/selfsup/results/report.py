@@ -107,10 +107,12 @@ def _sweep_figures(rows: list[Result]) -> str:
             fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 2.8), squeeze=False, sharey=True)
             for ax, arch in zip(axes[0], archs, strict=True):
                 mine = [r for r in cells if r.protocol == protocol and r.extra["cell"]["backbone"] == arch]
+                taps = sorted({r.tap for r in mine}, key=lambda t: (TAP_ORDER.index(t) if t in TAP_ORDER else 99, t))
                 for model in sorted({r.model for r in mine}):
-                    pts = sorted((TAP_ORDER.index(r.tap) if r.tap in TAP_ORDER else 99, r.value) for r in mine
-                                  if r.model == model)
-                    ax.plot([TAP_ORDER[i] for i, _ in pts], [v for _, v in pts], marker=".", label=model)
+                    pts = sorted((taps.index(r.tap), r.value) for r in mine if r.model == model)
+                    if len(pts) > 1:  # a model probed on its pre-logits alone has no layer curve
+                        ax.plot(*zip(*pts, strict=True), marker=".", label=model)
+                ax.set_xticks(range(len(taps)), taps)
                 ax.set_title(arch)
                 ax.tick_params(axis="x", rotation=60, labelsize=7)
                 ax.legend(fontsize=6)
