@@ -133,6 +133,7 @@ def test_sgd_probe_runs_through_the_suite_with_its_curve_stored(tmp_path):
         assert [e for e, _ in r.extra["curve"]] == [1, 2, 3] and r.value == r.extra["curve"][-1][1]
         assert r.value > 10                                  # above chance on the CIFAR-10 sample
         assert r.config["epochs"] == 3 and r.config["train_per_class"] == 30
+        assert r.seconds > 0 and "seconds" not in r.extra        # the probe's own time, not the loop's
     assert len(store.query(protocol="sgd")) == 2
     with pytest.raises(ValueError, match="unknown sgd setting"):
         evaluate_model(encoder, "sample", ["sgd"], store, overrides={"sgd": {"epoch": 3}})

@@ -107,7 +107,7 @@ def run_sgd(encoder: Encoder, dataset: str, taps: tuple[str, ...], cfg: SGDProbe
     test = load(dataset, spec.test_split)
     out = sgd_probe(encoder, images, labels, test.images, np.asarray(test.labels), spec.num_classes, taps, cfg,
                     metric=spec.metric, size=resolution, max_dims=max_dims, device=device, log=print)
-    return {t: (r["value"], {"curve": r["curve"]}) for t, r in out.items()}
+    return {t: (r["value"], {"curve": r["curve"], "seconds": r["seconds"]}) for t, r in out.items()}
 
 
 DESCRIPTIONS = {
@@ -195,7 +195,9 @@ def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: 
             continue
         start = time.perf_counter()
         value, extra = sgd[tap] if name == "sgd" else PROTOCOLS[name][1](splits[tap], cfg, device)
-        row = Result(**key, metric=spec.metric, value=value, seconds=time.perf_counter() - start,
+        extra = dict(extra)
+        seconds = extra.pop("seconds", time.perf_counter() - start)  # the sgd probe ran before this loop
+        row = Result(**key, metric=spec.metric, value=value, seconds=seconds,
                      config=settings, extra={**extra, **(tags or {})})
         store.put([row])
         results.append(row)
