@@ -177,6 +177,15 @@ def test_vgg_taps_and_sizes() -> None:
     assert net(torch.randn(1, 3, 64, 64))["pre_logits"].shape == (1, 256)
 
 
+def test_vgg_pools_round_up_for_patch_tiles() -> None:
+    # a 64 px image's patch tasks feed 14 px tiles: floor pooling would reach 0x0 at the fifth pool
+    net = build("vgg19_bn", width=0.0625).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 14, 14), taps=("after_root", "block1", "block2", "block3", "block4", "pre_logits"))
+    assert [out[t].shape[-1] for t in ("after_root", "block1", "block2", "block3", "block4")] == [14, 7, 4, 2, 1]
+    assert out["pre_logits"].shape == (2, 256)
+
+
 # ------------------------------------------------------------------------- early stop and errors
 @pytest.mark.parametrize(
     "name, later",

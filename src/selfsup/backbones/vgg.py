@@ -17,7 +17,10 @@ there, i.e. a linear layer on the flattened 7×7 map).
 
 Input size: before fc6 the last (pooled) map is adaptively average-pooled to 7×7 (identity at 224 px,
 as in the paper) or to 1×1 when ``cifar_stem=True`` (at 32 px it already is 1×1; this keeps fc6 at
-512·width inputs instead of a 25088-wide layer on replicated pixels). Inputs must be ≥ 32 px.
+512·width inputs instead of a 25088-wide layer on replicated pixels). The max-pools round up
+(``ceil_mode``, as Caffe's): identical to torchvision's wherever the map halves evenly (224, 96, 64, 32 px), and a patch
+model's small tiles never pool to nothing: a 14 px tile (the 64 px input's patch geometry) goes
+14 → 7 → 4 → 2 → 1 → 1 instead of reaching 0×0 at the fifth pool.
 
 Taps. The contract names every family's end points alike, so the paper's VGG names shift by one:
 
@@ -83,14 +86,14 @@ class VGG(Backbone):
         cin = 3
         for i, (n, base) in enumerate(zip(DEPTHS[depth], BLOCK_CHANNELS, strict=True)):
             if i > 0:
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             cout = scaled(base, width)
             for _ in range(n):
                 layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
                 cin = cout
             self._block_ends.append(len(layers))
             self.taps[BLOCK_TAPS[i]] = cout
-        layers.append(nn.MaxPool2d(2, 2))
+        layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
         self.features = nn.Sequential(*layers)
 
         self.pool_size = 1 if cifar_stem else 7
