@@ -62,3 +62,25 @@ def test_grids_in_a_list_run_in_order_and_cells_carry_their_settings():
     assert grid[3].name == "rotation-resnet50-w0.0625-r512-s0-abc123"
     assert grid[3].evaluate == {"protocols": ["linear"]} and grid[0].evaluate is None   # per-grid probes
     assert grid[3].coordinates()["representation_dim"] == 512 and "representation_dim" not in grid[0].coordinates()
+
+
+def test_dotted_grid_keys_make_ablation_cells():
+    import pytest
+
+    from selfsup.sweep import cell_config, cells
+
+    spec = {"base": {"method": {"name": "pirl", "num_negatives": 256}},
+            "grid": {"method": ["pirl"], "backbone": ["resnet18"], "width": [0.25],
+                     "method.lam": [0.0, 0.5], "method.num_negatives": [64, 128]}}
+    grid = cells(spec)
+    assert [c.options for c in grid] == [(("method.lam", 0.0), ("method.num_negatives", 64)),
+                                         (("method.lam", 0.0), ("method.num_negatives", 128)),
+                                         (("method.lam", 0.5), ("method.num_negatives", 64)),
+                                         (("method.lam", 0.5), ("method.num_negatives", 128))]
+    cfg = cell_config(spec, grid[2])
+    assert cfg.method == {"name": "pirl", "lam": 0.5, "num_negatives": 64}   # the grid's value wins over base
+    grid[2].settings = "abc123"
+    assert grid[2].name == "pirl-resnet18-w0.25-lam0.5-num_negatives64-s0-abc123"
+    assert grid[2].coordinates()["method.lam"] == 0.5
+    with pytest.raises(KeyError, match="dotted"):
+        cells({"grid": {"method": ["pirl"], "lam": [0.5]}})

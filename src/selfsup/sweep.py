@@ -14,6 +14,7 @@ Example (``src/selfsup/configs/revisiting/small_sweep.yaml``)::
       width: [0.25, 0.5, 1.0]
       seed: [0]
       # representation_dim: [512, 2048]  # optional: the representation-size study (backbone bottleneck)
+      # method.lam: [0.0, 0.5, 1.0]      # optional: any dotted config field (ablations, e.g. PIRL's λ)
     evaluate:
       data: tinyimagenet100
       protocols:                         # protocol -> taps ("all" = every tap of the backbone, layer-wise)
@@ -23,7 +24,8 @@ Example (``src/selfsup/configs/revisiting/small_sweep.yaml``)::
       max_dims: 2048                     # optional: bound on each pooled tap (default ~9,000, the paper's)
       overrides: {linear: {max_iter: 50}}  # optional: protocol settings (as `selfsup evaluate`)
 
-Cells are named ``method-backbone-wWIDTH[-rDIM]-sSEED-HASH``, the hash of the cell's resolved config, so
+Cells are named ``method-backbone-wWIDTH[-rDIM][-FIELDvalue...]-sSEED-HASH`` (``FIELD`` the last part of a
+dotted grid key: ``pirl-resnet18-w0.25-lam0.5-s0-…``), the hash of the cell's resolved config, so
 changing any setting makes new cells rather than reusing old figures. A cell whose figures are all in
 the results store is skipped without loading anything; a cell whose
 pretraining was interrupted resumes from its last checkpoint (exact resume); an evaluation already in
@@ -35,12 +37,13 @@ nothing. Every stored row carries the cell's coordinates in ``extra["cell"]`` an
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from selfsup import backbones, methods
-from selfsup.config import build, config_hash, read_yaml, to_dict
+from selfsup.config import build, config_hash, parse_overrides, read_yaml, to_dict
 from selfsup.data.registry import resolve
 from selfsup.evaluate.features import MAX_DIMS, load_encoder
 from selfsup.evaluate.suite import evaluate_model
@@ -57,18 +60,22 @@ class Cell:
     width: float
     seed: int
     representation_dim: int | None = None  # Kolesnikov et al.'s representation-size study; None = the network's own
+    options: tuple = ()  # (dotted config key, value) pairs from the grid's dotted keys, e.g. ("method.lam", 0.5)
     settings: str = ""   # hash of the cell's resolved config: other settings make another cell
     evaluate: dict | None = None  # its grid's own ``evaluate`` entries, over the sweep's
 
     @property
     def name(self) -> str:
         rep = f"-r{self.representation_dim}" if self.representation_dim else ""
+        rep += "".join(f"-{key.rsplit('.', 1)[-1]}{value:g}" if isinstance(value, float) else
+                       f"-{key.rsplit('.', 1)[-1]}{value}" for key, value in self.options)
         return f"{self.method}-{self.backbone}-w{self.width:g}{rep}-s{self.seed}-{self.settings}"
 
     def coordinates(self) -> dict:
         coords = {"method": self.method, "backbone": self.backbone, "width": self.width, "seed": self.seed}
         if self.representation_dim:
             coords["representation_dim"] = self.representation_dim
+        coords.update(self.options)
         return coords
 
 
@@ -80,17 +87,21 @@ def cells(spec: dict) -> list[Cell]:
     if isinstance(grids, list):
         found = [cell for grid in grids for cell in cells({**spec, "grid": grid})]
         return [cell for i, cell in enumerate(found) if cell not in found[:i]]
-    unknown = set(grids) - set(GRID_KEYS) - {"evaluate"}
+    dotted = [k for k in grids if "." in k]
+    unknown = set(grids) - set(GRID_KEYS) - {"evaluate"} - set(dotted)
     if unknown:
-        raise KeyError(f"unknown grid key(s) {sorted(unknown)}; a grid has {', '.join(GRID_KEYS)}")
+        raise KeyError(f"unknown grid key(s) {sorted(unknown)}; a grid has {', '.join(GRID_KEYS)} and dotted "
+                       "config fields (e.g. method.lam)")
     grid, base = grids, spec.get("base", {})
     values = [grid.get("method") or [base.get("method", {}).get("name", "simclr")],
               grid.get("backbone") or [base.get("backbone", {}).get("name", "resnet18")],
               grid.get("width") or [base.get("backbone", {}).get("width", 1.0)],
               grid.get("seed") or [base.get("train", {}).get("seed", 0)],
-              grid.get("representation_dim") or [None]]
-    return [Cell(m, b, float(w), int(s), None if r is None else int(r), evaluate=grids.get("evaluate"))
-            for m, b, w, s, r in itertools.product(*values)]
+              grid.get("representation_dim") or [None],
+              *(grid[k] for k in dotted)]
+    return [Cell(m, b, float(w), int(s), None if r is None else int(r), options=tuple(zip(dotted, rest, strict=True)),
+                 evaluate=grids.get("evaluate"))
+            for m, b, w, s, r, *rest in itertools.product(*values)]
 
 
 def cell_config(spec: dict, cell: Cell):
@@ -103,8 +114,9 @@ def cell_config(spec: dict, cell: Cell):
     if base.get("method", {}).get("name") not in (None, cell.method):
         base = {k: v for k, v in base.items() if k != "method"}
     overrides = spec.get("overrides", {})  # keyed by method or by backbone name (the backbone's win)
+    options = parse_overrides([f"{key}={json.dumps(value)}" for key, value in cell.options])  # the grid's own win
     return build({"optim": methods.get(cell.method).optim_defaults}, base, layer,
-                 overrides.get(cell.method, {}), overrides.get(cell.backbone, {}))
+                 overrides.get(cell.method, {}), overrides.get(cell.backbone, {}), options)
 
 
 def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) -> list:

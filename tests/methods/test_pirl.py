@@ -76,6 +76,17 @@ def test_jigsaw_permutations_are_uniform_over_all_orders():
     assert (counts - 600 / 9).abs().max() < 35                                   # each cell at each position
 
 
+def test_num_permutations_restricts_the_orders_to_the_hamming_set():
+    from selfsup.views.permutations import hamming_permutations
+
+    pirl = _method("pirl", num_permutations=10)
+    views = pirl.views(_random_images(200, 12), torch.arange(200) % 64, torch.Generator().manual_seed(0))
+    allowed = {tuple(p) for p in hamming_permutations(10).tolist()}
+    drawn = [tuple(p) for p in views["perms"].tolist()]
+    assert set(drawn) == allowed                    # only the set's orders, and (200 draws of 10) all of them
+    assert max(drawn.count(p) for p in allowed) < 40  # uniformly (expected 20 each)
+
+
 def test_permuting_tiles_changes_g_but_not_the_tile_features():
     pirl = _method("pirl").eval()
     tiles = torch.randn(2, 9, 3, 9, 9, generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,11 @@ Heads (§4.1; VISSL ``pirl_jigsaw_4node_resnet``): f = pooled pre-logits → lin
   transformed branches are computed and each gives an L_NCE term against m_I with the same negatives; the
   two terms are averaged, so L = λ · ½ (L_jig + L_rot) + (1 − λ) · L_img and λ keeps its meaning.
 
+``num_permutations`` (the analysis "Effect of the number of image transforms"): the paper varies how many
+jigsaw permutations PIRL trains with, up to all 9!; which ones it keeps is not said, so a K-permutation run
+draws from the first K rows of the same seeded greedy maximal-Hamming set the Jigsaw pretext task uses
+(``views.permutations``), uniformly per image.
+
 Choices, documented: the two (or three) terms share one draw of negatives per sample (eq. 4–5 name one set
 D_N; VISSL draws a set per term), which halves the gathering. Z is estimated from the scores of all terms
 together: VISSL estimates it from its first output (the patches), on the first batch, where every branch
@@ -43,6 +48,7 @@ from torch import nn
 from selfsup.losses import nce_scores, pirl_loss
 from selfsup.methods.npid import NPID, PIRL_OPTIM, NPIDConfig
 from selfsup.views.augment import rotate90
+from selfsup.views.permutations import hamming_permutations
 from selfsup.views.pirl_views import jigsaw_view
 
 TRANSFORMS = ("jigsaw", "rotation", "jigsaw+rotation")
@@ -55,6 +61,7 @@ class PIRLConfig(NPIDConfig):
     transform: str = "jigsaw"       # jigsaw | rotation | jigsaw+rotation
     lam: float = 0.5                # λ of eq. 5; 0 = NPID++
     jigsaw_scale: tuple = (0.6, 1.0)  # area scale of the jigsaw branch's random resized crop
+    num_permutations: int | None = None  # None: all 9! orders; K: the first K maximal-Hamming ones (ablation)
 
 
 class PIRL(NPID):
@@ -78,13 +85,16 @@ class PIRL(NPID):
             self.jigsaw_head = nn.Linear(9 * e, e)
         if self.rotation:
             self.rotation_head = nn.Linear(dim, e)
+        # the ablation's fixed set: the greedy maximal-Hamming set of Noroozi & Favaro (seed 0), never trained
+        self.permutations = None if cfg.num_permutations is None else hamming_permutations(cfg.num_permutations)
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
         x = self.image_view(images, g)
         out = {"x": x, "index": index}
         if self.jigsaw:
             size = self.cfg.size or images.shape[-1]
-            out["tiles"], out["perms"] = jigsaw_view(images, size, tuple(self.cfg.jigsaw_scale), g=g)
+            out["tiles"], out["perms"] = jigsaw_view(images, size, tuple(self.cfg.jigsaw_scale), g=g,
+                                                     permutations=self.permutations)
             out["perms"] = out["perms"].to(x.device)
         if self.rotation:
             k = torch.randint(0, 4, (x.shape[0],), generator=g, device=g.device)

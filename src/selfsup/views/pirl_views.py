@@ -125,15 +125,21 @@ def pirl_image_view(images: Tensor, size: int, *, g: torch.Generator) -> Tensor:
 
 
 def jigsaw_view(images: Tensor, size: int, scale: tuple[float, float] = (0.6, 1.0), *,
-                g: torch.Generator) -> tuple[Tensor, Tensor]:
+                g: torch.Generator, permutations: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """v_I^t for jigsaw: (tiles B × 9 × C × p × p in shuffled order, perms B × 9) with ``tiles[b, j]`` the
-    cell ``perms[b, j]`` (row-major) of image b, each tile augmented on its own and normalised."""
+    cell ``perms[b, j]`` (row-major) of image b, each tile augmented on its own and normalised. The order is
+    uniform over all 9! permutations, or over the rows of ``permutations`` (K × 9) when given (PIRL §5's
+    "number of permutations" ablation)."""
     geom = pirl_geometry(size)
     x = to_float(images)
     boxes = sample_crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], scale, g=g)
     crop = resized_crop(x, boxes, geom.crop)
     tiles = extract_patches(crop, replace(geom, resize=geom.crop), g)           # B × 9 × C × p × p
-    perms = torch.rand(x.shape[0], GRID * GRID, generator=g, device=g.device).argsort(1)
+    if permutations is None:
+        perms = torch.rand(x.shape[0], GRID * GRID, generator=g, device=g.device).argsort(1)
+    else:
+        pick = torch.randint(0, permutations.shape[0], (x.shape[0],), generator=g, device=g.device)
+        perms = permutations.to(g.device)[pick]
     tiles = permute_tiles(tiles, perms)
     flat = hflip(pirl_color(tiles.flatten(0, 1), g=g), 0.5, g=g)
     flat = normalize(flat, IMAGENET_MEAN, IMAGENET_STD)
