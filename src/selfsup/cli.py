@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directories of `selfsup pretrain`, or backbone .safetensors files; protocol settings "
                    "as protocol.key=value among them, e.g. sgd.epochs=520 'sgd.milestones=[480,500]'")
     p.add_argument("--data", default="sample", help="dataset name or path (default: the bundled sample)")
-    p.add_argument("--protocol", action="append", choices=["knn", "linear", "mlp", "sgd"],
+    p.add_argument("--protocol", action="append", choices=["knn", "linear", "mlp", "sgd", "semisup"],
                    help="protocol to run, repeatable (default: knn and linear; see `selfsup list protocols`)")
     p.add_argument("--tap", action="append", help="feature to probe, repeatable, or 'all' for every tap of the "
                    "backbone (layer-wise, one encoding pass); feature maps are pooled to <= 9000 dims; "

@@ -34,6 +34,7 @@ class DataConfig:
     name: str = "sample"        # a registered dataset name or a path (folder, zip, CIFAR pickles)
     split: str = "train"
     size: int | None = None     # decode-time resolution (shorter side + centre crop); None = native
+    per_class: int | None = None  # pretrain on a seeded, class-balanced subset of this many images per class
     on_error: str = "raise"     # "raise" on an undecodable image, or "skip" and count it
     resident_bytes: int = 2 << 30  # keep the uint8 images on the device when they fit under this
 

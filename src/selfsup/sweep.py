@@ -22,6 +22,7 @@ Example (``src/selfsup/configs/revisiting/small_sweep.yaml``)::
         mlp: [pre_logits]
       train_per_class: 100               # optional: probe on a seeded subset of train (CPU-sized studies)
       max_dims: 2048                     # optional: bound on each pooled tap (default ~9,000, the paper's)
+      resolution: 32                     # optional: evaluation resolution (default: the images' own)
       overrides: {linear: {max_iter: 50}}  # optional: protocol settings (as `selfsup evaluate`)
 
 Cells are named ``method-backbone-wWIDTH[-rDIM][-FIELDvalue...]-sSEED-HASH`` (``FIELD`` the last part of a
@@ -123,7 +124,7 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
     spec = read_yaml(path)
     out = Path(spec.get("out", "runs/sweep"))
     defaults = {"data": None, "protocols": ["linear"], "taps": ["pre_logits"], "train_per_class": None,
-                "overrides": {}, "max_dims": MAX_DIMS, **spec.get("evaluate", {})}
+                "overrides": {}, "max_dims": MAX_DIMS, "resolution": None, **spec.get("evaluate", {})}
     grid = cells(spec)
     rows = []
     for i, cell in enumerate(grid, 1):
@@ -151,7 +152,7 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
             log(f"[{i}/{len(grid)}] {cell.name}: {protocol} on {data}, taps {', '.join(protocol_taps)}")
             rows += evaluate_model(encoder, data, [protocol], store, taps=protocol_taps, device=device,
                                    overrides=ev["overrides"], train_per_class=ev["train_per_class"],
-                                   max_dims=ev["max_dims"],
+                                   max_dims=ev["max_dims"], resolution=ev["resolution"],
                                    tags={"cell": cell.coordinates(), "pre_logits_dim": net.out_dim,
                                          "sweep": str(path)})
         log(f"[{i}/{len(grid)}] {cell.name}: done in {time.perf_counter() - start:.0f} s")

@@ -141,6 +141,23 @@ def test_sgd_probe_runs_through_the_suite_with_its_curve_stored(tmp_path):
         evaluate_model(encoder, "sample", ["knn"], store, overrides={"svm": {}})
 
 
+def test_semisup_finetunes_on_a_label_fraction_and_stores_top5_and_top1(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    encoder = random_encoder(BackboneConfig("resnet18", 0.0625, True), seed=0)
+    settings = {"semisup": {"fraction": 0.1, "epochs": 1, "milestones": [], "batch_size": 64}}
+    rows = evaluate_model(encoder, "sample", ["semisup"], store, overrides=settings)
+    by_metric = {r.metric: r for r in rows}
+    assert set(by_metric) == {"top5", "top1"} and all(r.protocol == "semisup" for r in rows)
+    top5, top1 = by_metric["top5"], by_metric["top1"]
+    assert top5.value >= top1.value and top1.value == top5.extra["top1"]
+    assert top5.extra["train_images"] == 480                     # 10 % of the 4,800 sample images, 48 a class
+    assert top5.config["fraction"] == 0.1 and top5.config_hash == top1.config_hash
+    again = evaluate_model(encoder, "sample", ["semisup"], store, overrides=settings)
+    assert {r.created for r in again} == {r.created for r in rows}   # stored: not fine-tuned twice
+    with pytest.raises(ValueError, match="pre-logits"):
+        evaluate_model(encoder, "sample", ["semisup"], store, taps=("block3",))
+
+
 def test_invariance_analysis_lands_one_row_with_its_histogram_in_the_store_and_report(tmp_path):
     from selfsup.evaluate.suite import evaluate_invariance
     from selfsup.results.report import build_report

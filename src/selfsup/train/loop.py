@@ -18,6 +18,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -25,6 +26,7 @@ from selfsup import backbones, methods
 from selfsup.config import RunConfig, save_config, to_dict
 from selfsup.data import load
 from selfsup.data.loader import DeviceImages
+from selfsup.data.registry import per_class_subset
 from selfsup.nn.memory_bank import full_state_dict
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
@@ -118,8 +120,14 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     fabric.barrier()
 
     data = load(cfg.data.name, cfg.data.split, size=cfg.data.size, on_error=cfg.data.on_error)
-    images = DeviceImages(data, fabric.device, resident_bytes=cfg.data.resident_bytes)
-    n = len(data.labels)
+    if cfg.data.per_class:  # CPU-sized studies: the same seeded images on every rank and every restart
+        keep = per_class_subset(np.asarray(data.labels), cfg.data.per_class)
+        images = DeviceImages(np.ascontiguousarray(data.images[keep]), fabric.device,
+                              resident_bytes=cfg.data.resident_bytes, labels=np.asarray(data.labels)[keep])
+        n = len(keep)
+    else:
+        images = DeviceImages(data, fabric.device, resident_bytes=cfg.data.resident_bytes)
+        n = len(data.labels)
     if t.batch_size % world:
         raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {world} processes")
     local_batch = t.batch_size // world
