@@ -1,4 +1,12 @@
-"""Semi-supervised evaluation: fine-tune the whole network on 1 % or 10 % of the labels.
+"""Fine-tuning the whole network with a new linear head: the one training loop, and the semi-supervised recipe.
+
+``train_loop`` is the loop of both fine-tuning protocols of this package, this module's semi-supervised recipe
+(PIRL §3.3, below) and Ericsson et al. 2021's transfer recipe (``evaluate.transfer_finetune``): a given number
+of SGD steps of softmax cross-entropy over seeded epochs of a labelled subset, each step's learning rate from a
+function of the step, an optional callback after every epoch (the recipes score and log there). ``predict``
+scores a split through a deterministic view; ``train_view`` is the random-resized-crop + flip view of both.
+
+Semi-supervised evaluation (``finetune``): fine-tune the whole network on 1 % or 10 % of the labels.
 
 Misra & van der Maaten 2020 (PIRL), §3.3 and Table 3: "we randomly select 1% and 10% of the ImageNet training
 data (with labels). We finetune our models on these training-data subsets following the procedure of [Wu et
@@ -36,7 +44,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -92,15 +100,123 @@ def lr_at(epoch: int, cfg: FinetuneConfig) -> float:
     return cfg.lr * cfg.batch_size / 256 * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
 
 
-def _head(dim: int, classes: int, g: torch.Generator) -> nn.Linear:
+# --------------------------------------------------------------------------- the shared loop
+def linear_head(dim: int, classes: int, g: torch.Generator) -> nn.Linear:
+    """The new layer pre-logits → classes with torch's default ``nn.Linear`` initialisation (VISSL's mlp head,
+    Ericsson et al.'s ``nn.Linear``), drawn from ``g``: U(±1/√dim) for weight and bias."""
     head = nn.Linear(dim, classes)
-    bound = 1 / math.sqrt(dim)  # torch's default nn.Linear init (VISSL's mlp head), drawn from g
+    bound = 1 / math.sqrt(dim)
     with torch.no_grad():
         head.weight.uniform_(-bound, bound, generator=g)
         head.bias.uniform_(-bound, bound, generator=g)
     return head
 
 
+def _batch_starts(n: int, batch_size: int) -> list[int]:
+    """Offsets of an epoch's batches: the last partial batch is kept, unless it is a single image after others
+    (batch-norm statistics of one image are meaningless)."""
+    return [i for i in range(0, n, batch_size) if i == 0 or min(batch_size, n - i) >= 2]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """SGD steps of one epoch over ``n`` images: ceil(n / batch), less a trailing single-image batch."""
+    return len(_batch_starts(n, batch_size))
+
+
+def _epochs(subset: np.ndarray, batch_size: int, g: torch.Generator) -> Iterator[tuple[np.ndarray, bool]]:
+    """Endless (sorted indices, last batch of its epoch?): each epoch a fresh seeded permutation of ``subset``,
+    drawn when the epoch begins. Indices are sorted within a batch so that memmap reads stay sequential."""
+    starts = _batch_starts(len(subset), batch_size)
+    while True:
+        order = subset[torch.randperm(len(subset), generator=g).numpy()]
+        for j, i in enumerate(starts):
+            yield np.sort(order[i:i + batch_size]), j == len(starts) - 1
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+
+
+def train_loop(net: nn.Module, head: nn.Linear, opt: torch.optim.Optimizer, images, labels: Tensor,
+               subset: np.ndarray, steps: int, batch_size: int, lr_of: Callable[[int], float],
+               view: Callable[[np.ndarray], Tensor], g: torch.Generator, device: str | torch.device = "cpu",
+               on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
+    """Train ``head(net(view(images[idx]))["pre_logits"])`` with softmax cross-entropy for ``steps`` SGD steps.
+
+    Batches come from seeded epochs of ``subset`` (``_epochs``, from ``g``, as the views' randomness); ``images``
+    is anything indexed by a sorted int array (an array, a memmap). Before 0-based step t every parameter group's
+    lr is set to ``lr_of(t)`` × its ``"mult"`` (1 when absent). Network and head train in training mode
+    (batch-norm included). ``on_epoch(epoch, mean loss of the epoch, training seconds so far)`` is called after
+    each completed epoch and after the last step (time spent in it is not counted; training mode is restored
+    after it). Returns {"loss": the last epoch's mean loss, "images": images trained on, "seconds"}."""
+    subset = np.asarray(subset)
+    if len(subset) == 0:
+        raise ValueError("nothing to fine-tune on: the training subset is empty")
+    autocast = _autocast(device)
+    batches = _epochs(subset, batch_size, g)
+    epoch, total, count, seen, seconds, last_loss = 0, 0.0, 0, 0, 0.0, float("nan")
+    net.train()
+    head.train()
+    tick = time.perf_counter()
+    for step in range(steps):
+        idx, epoch_end = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = lr_of(step) * group.get("mult", 1.0)
+        x = view(images[idx])
+        with autocast:
+            logits = head(net(x)["pre_logits"]).float()
+        loss = F.cross_entropy(logits, labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, count = total + loss.item() * len(idx), count + len(idx)
+        if epoch_end or step == steps - 1:
+            seconds += time.perf_counter() - tick
+            epoch, seen, last_loss, total, count = epoch + 1, seen + count, total / count, 0.0, 0
+            if on_epoch:
+                on_epoch(epoch, last_loss, seconds)
+                net.train()
+                head.train()
+            tick = time.perf_counter()
+    return {"loss": last_loss, "images": seen, "seconds": seconds}
+
+
+@torch.no_grad()
+def predict(net: nn.Module, head: nn.Linear, images, view: Callable[[np.ndarray], Tensor], batch_size: int,
+            device: str | torch.device = "cpu", index: np.ndarray | None = None) -> Tensor:
+    """Logits (float32, on the CPU) of ``images[index]`` (all of them by default) through the deterministic
+    ``view``, network and head in inference mode."""
+    net.eval()
+    head.eval()
+    n = len(images) if index is None else len(index)
+    parts = []
+    for i in range(0, n, batch_size):
+        x = view(images[i:i + batch_size] if index is None else images[np.asarray(index[i:i + batch_size])])
+        with _autocast(device):
+            parts.append(head(net(x)["pre_logits"]).float().cpu())
+    return torch.cat(parts) if parts else torch.empty(0, head.out_features)
+
+
+def train_view(encoder: Encoder, images: np.ndarray, size: int, scale: tuple, device, g: torch.Generator,
+               mode: str = "bilinear") -> Tensor:
+    """uint8 B×H×W×3 → random resized crop to size with flip, normalised as the encoder expects. ``mode`` is the
+    resampling (VISSL: bilinear; Ericsson et al.: bicubic, whose overshoot is clamped to [0, 1])."""
+    x = torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2)   # a copy: memmaps are read-only
+    x = random_resized_crop(to_float(x), size, scale, flip_p=0.5, g=g, mode=mode)
+    if mode == "bicubic":
+        x = x.clamp_(0, 1)
+    x = standardize_patches(x) if encoder.standardize else normalize(x, encoder.mean, encoder.std)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def as_encoder(model: Encoder | Backbone) -> Encoder:
+    """An ``Encoder`` as is; a bare backbone with ImageNet normalisation."""
+    if isinstance(model, Encoder):
+        return model
+    return Encoder(model, type(model).__name__, "", IMAGENET_MEAN, IMAGENET_STD)
+
+
+# --------------------------------------------------------------------------- the semi-supervised recipe
 def _param_groups(net: nn.Module, head: nn.Linear, cfg: FinetuneConfig) -> list[dict]:
     norm = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters()}
     trunk = [p for p in net.parameters() if id(p) not in norm]
@@ -108,20 +224,6 @@ def _param_groups(net: nn.Module, head: nn.Linear, cfg: FinetuneConfig) -> list[
               {"params": [p for p in net.parameters() if id(p) in norm], "weight_decay": 0.0, "mult": 1.0},
               {"params": list(head.parameters()), "weight_decay": cfg.weight_decay, "mult": cfg.head_lr_mult}]
     return [group for group in groups if group["params"]]   # a backbone without batch-norm has no norm group
-
-
-def train_view(encoder: Encoder, images: np.ndarray, size: int, scale: tuple, device, g: torch.Generator) -> Tensor:
-    """uint8 B×H×W×3 → random resized crop to size with flip, normalised as the encoder expects."""
-    x = torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2)   # a copy: memmaps are read-only
-    x = random_resized_crop(to_float(x), size, scale, flip_p=0.5, g=g)
-    x = standardize_patches(x) if encoder.standardize else normalize(x, encoder.mean, encoder.std)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _as_encoder(model: Encoder | Backbone) -> Encoder:
-    if isinstance(model, Encoder):
-        return model
-    return Encoder(model, type(model).__name__, "", IMAGENET_MEAN, IMAGENET_STD)   # ImageNet normalisation
 
 
 def finetune(model: Encoder | Backbone, train_images: np.ndarray, train_labels, test_images: np.ndarray, test_labels,
@@ -133,57 +235,37 @@ def finetune(model: Encoder | Backbone, train_images: np.ndarray, train_labels, 
     "train_images", "curve": [[epoch, top1, top5], ...], "seconds"}; the seed fixes subset, head, order, crops."""
     cfg = cfg or FinetuneConfig()
     start = time.perf_counter()
-    encoder = _as_encoder(model)
+    encoder = as_encoder(model)
     size = size or min(train_images.shape[1:3])
     g = torch.Generator().manual_seed(seed)
     subset = label_subset(train_labels, fraction, seed) if fraction is not None else np.arange(len(train_labels))
     ytr = torch.as_tensor(np.asarray(train_labels), dtype=torch.int64)
     yte = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64)
     net = copy.deepcopy(encoder.backbone).to(device)           # the caller's weights stay as they are
-    head = _head(net.out_dim, num_classes, g).to(device)
-    groups = _param_groups(net, head, cfg)
-    opt = torch.optim.SGD(groups, lr=lr_at(0, cfg), momentum=cfg.momentum, nesterov=cfg.nesterov)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+    head = linear_head(net.out_dim, num_classes, g).to(device)
+    opt = torch.optim.SGD(_param_groups(net, head, cfg), lr=lr_at(0, cfg), momentum=cfg.momentum,
+                          nesterov=cfg.nesterov)
+    n = len(subset)
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
+    curve: list[list] = []
+    value = float("nan")
 
-    def logits_of(x: Tensor) -> Tensor:
-        with autocast:
-            return head(net(x)["pre_logits"]).float()
-
-    @torch.no_grad()
-    def evaluate() -> tuple[float, float, float]:
-        net.eval()
-        logits = torch.cat([logits_of(probe_view(encoder, test_images[i:i + cfg.batch_size], size, device)).cpu()
-                            for i in range(0, len(test_images), cfg.batch_size)])
-        pred = logits.argmax(1)
-        return topk_accuracy(logits, yte, 1), topk_accuracy(logits, yte, 5), score(metric, pred, yte, num_classes)
-
-    curve, value, n, train_time = [], float("nan"), len(subset), 0.0
-    for epoch in range(cfg.epochs):
-        tick = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, cfg) * group["mult"]
-        net.train()
-        head.train()
-        order, total = subset[torch.randperm(n, generator=g).numpy()], 0.0
-        for i in range(0, n, cfg.batch_size):
-            idx = np.sort(order[i:i + cfg.batch_size])        # sorted: memmap reads stay sequential
-            if len(idx) < 2 and i > 0:
-                continue                                      # a trailing single image: no BN statistics
-            x = train_view(encoder, train_images[idx], size, cfg.crop_scale, device, g)
-            loss = F.cross_entropy(logits_of(x), ytr[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        train_time += time.perf_counter() - tick
-        done = epoch + 1
-        msg = epoch_line("finetune", done, cfg.epochs, total / n, lr_at(epoch, cfg), n, train_time)
+    def on_epoch(done: int, loss: float, seconds: float) -> None:
+        nonlocal value
+        msg = epoch_line("finetune", done, cfg.epochs, loss, lr_at(done - 1, cfg), n, seconds)
         if done % cfg.eval_every == 0 or done == cfg.epochs:
-            top1, top5, value = evaluate()
+            logits = predict(net, head, test_images, lambda x: probe_view(encoder, x, size, device), cfg.batch_size,
+                             device)
+            top1, top5 = topk_accuracy(logits, yte, 1), topk_accuracy(logits, yte, 5)
+            value = score(metric, logits.argmax(1), yte, num_classes)
             curve.append([done, top1, top5])
             msg += f" | top1 {top1:.2f} top5 {top5:.2f}"
         if log:
             log(msg)
+
+    train_loop(net, head, opt, train_images, ytr, subset, cfg.epochs * per_epoch, cfg.batch_size,
+               lambda step: lr_at(step // per_epoch, cfg),
+               lambda x: train_view(encoder, x, size, cfg.crop_scale, device, g), g, device, on_epoch)
     top1, top5 = (curve[-1][1], curve[-1][2]) if curve else (float("nan"), float("nan"))
     return {"top1": top1, "top5": top5, "value": value, "metric": metric, "train_images": int(n), "curve": curve,
             "seconds": time.perf_counter() - start}
