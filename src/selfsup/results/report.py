@@ -11,10 +11,17 @@ What it draws depends on what the store holds:
 - for invariance rows (``selfsup invariance``, PIRL §4.1 Fig. 4): the histograms of the distances between
   f(v_I) and g(v_I^t), one line per model;
 - for SGD-probe rows (``extra["curve"]``): test top-1 against probe epochs, one panel per model, with the
-  converged L-BFGS figure of the same tap dashed (their schedule study: the SGD probe needs long training).
+  converged L-BFGS figure of the same tap dashed (their schedule study: the SGD probe needs long training);
+- for transfer rows (Ericsson et al. 2021; ``transfer_report.py``): models × datasets tables per protocol
+  (few-shot as mean ± CI, one table per shot count), the correlation of each downstream figure with the
+  ``source`` dataset's linear accuracy (scatters with r and ρ, and a table), calibration (ECE raw against
+  temperature-scaled, reliability diagrams) and what the features keep (colour against spatial sensitivity,
+  saliency maps, inversions).
 
-Rows of one model and tap measured with other probe settings (``view``, ``train_per_class``, ``max_dims``)
-get their own table row, labelled with those settings.
+Rows of one model and tap measured with other probe settings (``view``, ``train_per_class``, ``max_dims``,
+few-shot ``shots``) get their own table row, labelled with those settings. The best cell of a column is the
+highest, or the lowest for an error metric (ECE, colour error); descriptive figures (colour and spatial
+sensitivity, attentive diffusion) have none.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
+from selfsup.analysis.correlation import LOWER_IS_BETTER
 from selfsup.results.store import Result, Store
 
 TAP_ORDER = ("after_root", "block1", "block2", "block3", "block4", "fc6", "pooled", "pre_logits")
@@ -39,11 +47,12 @@ def _png(fig) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-SETTINGS_SHOWN = ("view", "train_per_class", "max_dims")  # probe settings that make a row another measurement
+UNRANKED = frozenset({"colour", "spatial", "attentive_diffusion"})  # descriptions, no better direction: no best cell
+SETTINGS_SHOWN = ("view", "train_per_class", "max_dims", "shots")  # settings that make a row another measurement
 
 
-def _label(r: Result) -> str:
-    shown = [f"{k}={r.config[k]}" for k in SETTINGS_SHOWN if k in r.config]
+def _label(r: Result, skip: tuple[str, ...] = ()) -> str:
+    shown = [f"{k}={r.config[k]}" for k in SETTINGS_SHOWN if k in r.config and k not in skip]
     return r.model + (f" ({', '.join(shown)})" if shown else "")
 
 
@@ -56,7 +65,9 @@ def _tables(rows: list[Result]) -> str:
         taps = sorted({r.tap for r in group}, key=lambda t: (TAP_ORDER.index(t) if t in TAP_ORDER else 99, t))
         models = sorted({_label(r) for r in group})
         value = {(_label(r), r.tap): r for r in group}
-        best = {t: max((value[(m, t)].value for m in models if (m, t) in value), default=None) for t in taps}
+        pick = min if metric in LOWER_IS_BETTER else max
+        best = {} if metric in UNRANKED else {
+            t: pick((value[(m, t)].value for m in models if (m, t) in value), default=None) for t in taps}
         head = "".join(f"<th>{html.escape(t)}</th>" for t in taps)
         body = []
         for m in models:
@@ -67,7 +78,7 @@ def _tables(rows: list[Result]) -> str:
                     cells.append("<td></td>")
                     continue
                 text = f"{r.value:.2f}" + (f" ± {r.ci:.2f}" if r.ci else "")
-                cells.append(f'<td class="best">{text}</td>' if r.value == best[t] else f"<td>{text}</td>")
+                cells.append(f'<td class="best">{text}</td>' if r.value == best.get(t) else f"<td>{text}</td>")
             body.append(f"<tr><th>{html.escape(m)}</th>{''.join(cells)}</tr>")
         parts.append(f"<h3>{html.escape(dataset)} · {html.escape(protocol)} · {html.escape(metric)}</h3>"
                      f"<table><tr><th>model</th>{head}</tr>{''.join(body)}</table>")
@@ -215,8 +226,10 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} th{background:#f4f
 background:#e6f4e6} img{max-width:100%}"""
 
 
-def build_report(store: Store, out: str | Path) -> Path:
-    """Write ``out`` (an .html file, or a directory that gets report.html) from every row of the store."""
+def build_report(store: Store, out: str | Path, source: str = "tinyimagenet100") -> Path:
+    """Write ``out`` (an .html file, or a directory that gets report.html) from every row of the store;
+    ``source`` is the pretraining dataset whose linear accuracy the transfer figures are correlated with."""
+    from selfsup.results.transfer_report import transfer_sections  # it draws with this module's helpers
     out = Path(out)
     if out.suffix != ".html":
         out = out / "report.html"
@@ -225,8 +238,9 @@ def build_report(store: Store, out: str | Path) -> Path:
     body = _tables(rows) if rows else "<p>The results store is empty: run selfsup bench, evaluate or sweep.</p>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>selfsup report</title><style>{STYLE}"
             f"</style></head><body><h1>selfsup report</h1><p>{len(rows)} results from {html.escape(str(store.path))}"
-            f"</p><h2>Results</h2>{body}{_sweep_figures(rows)}{_probe_epochs(rows)}{_invariance(rows)}</body></html>")
+            f"</p><h2>Results</h2>{body}{transfer_sections(rows, source)}{_sweep_figures(rows)}{_probe_epochs(rows)}"
+            f"{_invariance(rows)}</body></html>")
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(page)
+    tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     return out
