@@ -10,9 +10,10 @@ from selfsup.methods.pirl import PIRL
 from selfsup.methods.relative_patch import RelativePatchLocation
 from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR
+from selfsup.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
-                                                        NPIDPlusPlus, PIRL)}
+                                                        NPIDPlusPlus, PIRL, Supervised)}
 
 
 def get(name: str) -> type[Method]:

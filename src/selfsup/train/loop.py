@@ -140,6 +140,12 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     backbone = backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,
                                **cfg.backbone.options)
     method = methods.build(cfg.method["name"], backbone, cfg.method, num_images=n)
+    if getattr(method, "needs_labels", False):  # the supervised baseline: labels of the images `index` points into
+        if len(data.classes) < 2:
+            raise ValueError(f"method {method.name!r} trains on labels, but {cfg.data.name!r} ({cfg.data.split} split) "
+                             f"has {len(data.classes)} class(es): point data.name at a labelled dataset "
+                             f"(<class>/<file> folders, two or more classes) or choose a self-supervised method")
+        method.set_labels(images.labels, num_classes=len(data.classes))
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     method = method.to(fabric.device, memory_format=memory_format)
     base_lr = scaled_lr(cfg.optim, t.batch_size)
