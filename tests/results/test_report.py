@@ -52,3 +52,23 @@ def test_report_draws_representation_size_and_probe_epochs_and_separates_setting
     assert "Representation size at fixed width" in page and "Accuracy against probe epochs" in page
     assert "rot-128 (view=tiles)" in page                   # another measurement of the same model and tap
     assert "<td>19.00</td>" in page and "<td>20.00</td>" in page
+
+
+def test_ablation_cells_get_their_own_figure_not_width_points(tmp_path, monkeypatch):
+    from selfsup.results import report
+
+    drawn = []
+    real = report._ablations
+    monkeypatch.setattr(report, "_ablations", lambda cells, plt: drawn.append(cells) or real(cells, plt))
+    store = Store(tmp_path / "r.sqlite")
+    rows = []
+    for lam, value in ((0.0, 10.0), (0.5, 14.0), (1.0, 12.0)):
+        cell = {"method": "pirl", "backbone": "resnet50", "width": 0.5, "seed": 0, "method.lam": lam}
+        rows.append(Result(f"pirl-lam{lam}", f"h{lam}", "tiny", "val", "linear", "pre_logits", "c", "top1", value,
+                           extra={"cell": cell}))
+    store.put(rows)
+    page = build_report(store, tmp_path / "report.html").read_text()
+    assert "Ablations: top-1 against each ablated setting" in page
+    assert "top-1 against width" not in page                  # three λ at one width are not a width curve
+    points = {r.extra["cell"]["method.lam"]: r.value for r in drawn[0]}
+    assert points == {0.0: 10.0, 0.5: 14.0, 1.0: 12.0}

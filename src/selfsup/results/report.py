@@ -98,7 +98,8 @@ def _sweep_figures(rows: list[Result]) -> str:
     out = ["<h2>Architecture study (sweep cells)</h2>"]
     archs = sorted({r.extra["cell"]["backbone"] for r in cells})
     for protocol in sorted({r.protocol for r in cells}):
-        pre = [r for r in cells if r.protocol == protocol and r.tap == "pre_logits"]
+        # ablation cells (dotted grid keys) share a width: they get their own figure, not a width point
+        pre = [r for r in cells if r.protocol == protocol and r.tap == "pre_logits" and not _options(r)]
         if pre:
             fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 2.8), squeeze=False, sharey=True)
             for ax, arch in zip(axes[0], archs, strict=True):
@@ -143,7 +144,42 @@ def _sweep_figures(rows: list[Result]) -> str:
         ax.set_ylabel("MLP top-1")
         out.append(f"<h3>Linear against MLP probe (one point per model)</h3>{_png(fig)}")
     out.append(_representation_size(cells + sized, plt))
+    out.append(_ablations(cells, plt))
     return "\n".join(out)
+
+
+def _options(r: Result) -> dict:
+    """A sweep cell's ablation settings: its dotted grid keys (``method.lam`` ...)."""
+    return {k: v for k, v in r.extra["cell"].items() if "." in k}
+
+
+def _ablations(cells: list[Result], plt) -> str:
+    """Top-1 (pre-logits) against each ablated setting (a dotted grid key such as PIRL's ``method.lam``), one
+    line per (protocol, method, backbone, width, the other settings), drawn where the setting takes 2+ values."""
+    lines: dict[tuple, list] = defaultdict(list)
+    for r in cells:
+        opts = _options(r)
+        if r.tap != "pre_logits" or not opts:
+            continue
+        c = r.extra["cell"]
+        for key, value in opts.items():
+            rest = tuple(sorted((k, v) for k, v in opts.items() if k != key))
+            lines[(key, r.protocol, c["method"], c["backbone"], c["width"], rest)].append((value, r.value))
+    keys = sorted({k[0] for k, pts in lines.items() if len({v for v, _ in pts}) > 1})
+    if not keys:
+        return ""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for (k, protocol, method, backbone, width, rest), pts in sorted(lines.items(), key=str):
+            if k == key and len({v for v, _ in pts}) > 1:
+                label = f"{method} {backbone} w{width:g} {protocol}" + "".join(f" {a}={b}" for a, b in rest)
+                ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
+        ax.set_xlabel(key)
+        if key.endswith("negatives") or key.endswith("permutations"):
+            ax.set_xscale("log")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("top-1 (pre-logits)")
+    return f"<h3>Ablations: top-1 against each ablated setting</h3>{_png(fig)}"
 
 
 def _representation_size(rows: list[Result], plt) -> str:
