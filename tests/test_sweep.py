@@ -84,3 +84,23 @@ def test_dotted_grid_keys_make_ablation_cells():
     assert grid[2].coordinates()["method.lam"] == 0.5
     with pytest.raises(KeyError, match="dotted"):
         cells({"grid": {"method": ["pirl"], "lam": [0.5]}})
+
+
+def test_sweep_runs_a_transfer_suite_on_each_cell_and_a_random_init_floor(tmp_path):
+    suite = {"name": "tiny", "datasets": [{"name": "sample", "protocols": ["knn", "linear"]}],
+             "protocols": {"linear": {"strengths": [1.0, 10.0]}}}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    spec = {**SPEC, "out": str(tmp_path / "runs"), "grid": {**SPEC["grid"], "width": [0.125]},
+            "evaluate": {"suite": str(tmp_path / "suite.yaml"), "random_init": True}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    store = Store(tmp_path / "r.sqlite")
+    rows = run_sweep(path, store, log=lambda _: None)
+    models = {r.model for r in rows}
+    assert len(models) == 2 and "random-init resnet18-w0.125" in models
+    assert {(r.protocol, r.dataset) for r in rows} == {("knn", "sample"), ("linear", "sample")}
+    cell = next(r for r in rows if not r.model.startswith("random-init"))
+    assert cell.extra["cell"]["width"] == 0.125
+    log = []
+    run_sweep(path, store, log=log.append)
+    assert any("in the store, skipped" in line for line in log)

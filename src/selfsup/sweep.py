@@ -24,6 +24,8 @@ Example (``src/selfsup/configs/revisiting/small_sweep.yaml``)::
       max_dims: 2048                     # optional: bound on each pooled tap (default ~9,000, the paper's)
       resolution: 32                     # optional: evaluation resolution (default: the images' own)
       overrides: {linear: {max_iter: 50}}  # optional: protocol settings (as `selfsup evaluate`)
+      # suite: transfer                  # or: every cell through a transfer suite (`evaluate --suite`) instead
+      # random_init: true                # also evaluate a random-init copy of each architecture (same probes)
 
 Cells are named ``method-backbone-wWIDTH[-rDIM][-FIELDvalue...]-sSEED-HASH`` (``FIELD`` the last part of a
 dotted grid key: ``pirl-resnet18-w0.25-lam0.5-s0-…``), the hash of the cell's resolved config, so
@@ -46,8 +48,9 @@ from pathlib import Path
 from selfsup import backbones, methods
 from selfsup.config import build, config_hash, parse_overrides, read_yaml, to_dict
 from selfsup.data.registry import resolve
-from selfsup.evaluate.features import MAX_DIMS, load_encoder
+from selfsup.evaluate.features import MAX_DIMS, load_encoder, random_copy
 from selfsup.evaluate.suite import evaluate_model
+from selfsup.evaluate.transfer_suite import load_suite, run_suite
 from selfsup.results.store import Store
 from selfsup.train.loop import pretrain
 
@@ -138,8 +141,12 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
                               **cfg.backbone.options)
         every = tuple(net.taps)
         taps = {p: every if t == "all" else tuple(t) for p, t in plan.items()}
-        dataset = resolve(data).name
-        if all(store.has(model=cell.name, dataset=dataset, protocol=p, tap=t) for p in taps for t in taps[p]):
+        if ev.get("suite"):
+            suite = load_suite(ev["suite"])
+            needed = [(resolve(e.name).name, p, t) for e in suite.datasets for p in e.protocols for t in suite.taps]
+        else:
+            needed = [(resolve(data).name, p, t) for p in taps for t in taps[p]]
+        if all(store.has(model=cell.name, dataset=d, protocol=p, tap=t) for d, p, t in needed):
             # (has() ignores the probe settings: change them and the cells are evaluated by `selfsup evaluate`)
             log(f"[{i}/{len(grid)}] {cell.name}: in the store, skipped")
             rows += store.query(model=cell.name)
@@ -148,12 +155,27 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
         start = time.perf_counter()
         run = pretrain(cfg, out / cell.name)
         encoder = load_encoder(run, label=cell.name)
+        tags = {"cell": cell.coordinates(), "pre_logits_dim": net.out_dim, "sweep": str(path)}
+        if ev.get("random_init"):   # the floor: one random copy per architecture, probed as the cells are
+            floor = random_copy(encoder)
+            floor.label = f"random-init {cfg.backbone.name}-w{cfg.backbone.width:g}"
+        if ev.get("suite"):
+            log(f"[{i}/{len(grid)}] {cell.name}: suite {suite.name}")
+            for model, model_tags in [(encoder, tags)] + ([(floor, {"sweep": str(path)})] if ev.get("random_init")
+                                                            else []):
+                rows += run_suite([model], suite, store, device=device, log=log, overrides=ev["overrides"],
+                                  tags=model_tags).rows
+            log(f"[{i}/{len(grid)}] {cell.name}: done in {time.perf_counter() - start:.0f} s")
+            continue
         for protocol, protocol_taps in taps.items():
             log(f"[{i}/{len(grid)}] {cell.name}: {protocol} on {data}, taps {', '.join(protocol_taps)}")
             rows += evaluate_model(encoder, data, [protocol], store, taps=protocol_taps, device=device,
                                    overrides=ev["overrides"], train_per_class=ev["train_per_class"],
-                                   max_dims=ev["max_dims"], resolution=ev["resolution"],
-                                   tags={"cell": cell.coordinates(), "pre_logits_dim": net.out_dim,
-                                         "sweep": str(path)})
+                                   max_dims=ev["max_dims"], resolution=ev["resolution"], tags=tags)
+            if ev.get("random_init"):
+                rows += evaluate_model(floor, data, [protocol], store, taps=protocol_taps, device=device,
+                                       overrides=ev["overrides"], train_per_class=ev["train_per_class"],
+                                       max_dims=ev["max_dims"], resolution=ev["resolution"],
+                                       tags={"sweep": str(path)})
         log(f"[{i}/{len(grid)}] {cell.name}: done in {time.perf_counter() - start:.0f} s")
     return rows
