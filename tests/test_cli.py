@@ -48,3 +48,24 @@ def test_results_json_roundtrip(tmp_path, capsys):
     assert main(["results", "--json", "--store", str(store)]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["value"] == 42.0 and row["protocol"] == "knn"
+
+
+def test_list_protocols_shows_the_transfer_suite_and_analyses(capsys):
+    assert main(["list", "protocols"]) == 0
+    text = capsys.readouterr().out
+    for name in ("knn", "linear", "fewshot", "calibration", "finetune", "sensitivity", "saliency", "inversion"):
+        assert f"\n{name} " in f"\n{text}"
+
+
+def test_evaluate_suite_excludes_data_and_protocol_and_names_unknown_suites(capsys, tmp_path):
+    store = str(tmp_path / "r.sqlite")
+    assert main(["evaluate", "missing-run", "--suite", "transfer", "--data", "cifar10", "--protocol", "knn",
+                 "--store", store]) == 2
+    assert "drop --data, --protocol" in capsys.readouterr().err
+    assert main(["evaluate", "missing-run", "--suite", "nosuchsuite", "--store", store]) == 2
+    err = capsys.readouterr().err
+    assert "suite nosuchsuite is neither a YAML file nor a shipped suite" in err and "transfer_paper" in err
+    text = subprocess.run([sys.executable, "-m", "selfsup.cli", "analyse", "--help"], capture_output=True,
+                          text=True, check=True).stdout
+    for flag in ("--data", "--images", "--invert", "--steps", "--only", "--resolution"):
+        assert flag in text

@@ -3,6 +3,10 @@
     selfsup pretrain METHOD --data NAME|PATH --backbone NAME [--steps N | --epochs N] [--batch-size N]
                      --out DIR [key=value ...]
     selfsup evaluate RUN_DIR_OR_CHECKPOINT... --data NAME|PATH [--protocol knn|linear|mlp|sgd ...]
+    selfsup evaluate RUN_DIR_OR_CHECKPOINT... --suite transfer|transfer_paper|SUITE.yaml
+                                        Ericsson et al.'s transfer benchmark: datasets × protocols from one YAML
+    selfsup analyse RUN_DIR_OR_CHECKPOINT... --data NAME|PATH [--images N]
+                                        what the features keep: sensitivity, saliency, inversion
     selfsup invariance RUN_DIR... --data NAME|PATH   PIRL's invariance histogram (pirl and jigsaw runs)
     selfsup bench                       pretrain on the bundled sample, evaluate it and a random-init copy
     selfsup sweep SWEEP.yaml            a grid of runs (method × backbone × width × seed) and their evaluation
@@ -67,9 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run directories of `selfsup pretrain`, or backbone .safetensors files; protocol settings "
                    "as protocol.key=value among them, e.g. sgd.epochs=520 'sgd.milestones=[480,500]'")
-    p.add_argument("--data", default="sample", help="dataset name or path (default: the bundled sample)")
+    p.add_argument("--data", help="dataset name or path (default: the bundled sample)")
     p.add_argument("--protocol", action="append", choices=["knn", "linear", "mlp", "sgd", "semisup"],
                    help="protocol to run, repeatable (default: knn and linear; see `selfsup list protocols`)")
+    p.add_argument("--suite", help="run a transfer suite instead of --data/--protocol: a shipped one (transfer: "
+                   "Ericsson et al. 2021 sized for a CPU; transfer_paper: the paper's settings, for a GPU) or a "
+                   "suite YAML (datasets × protocols linear, knn, fewshot, calibration, finetune; "
+                   "src/selfsup/evaluate/transfer_suite.py documents it); protocol.key=value changes its settings")
     p.add_argument("--tap", action="append", help="feature to probe, repeatable, or 'all' for every tap of the "
                    "backbone (layer-wise, one encoding pass); feature maps are pooled to <= 9000 dims; "
                    "default pre_logits")
@@ -85,6 +93,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
     p.set_defaults(overrides=[])  # protocol.key=value after the flags land here (see main)
+    _add_store(p)
+
+    p = sub.add_parser("analyse", help="what the features keep (Ericsson et al. 2021 §4.8-4.9): colour against "
+                       "spatial sensitivity, occlusion saliency and deep-image-prior inversion on a few test images")
+    p.add_argument("models", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="run directories of `selfsup pretrain`, or backbone .safetensors files")
+    p.add_argument("--data", default="sample", help="dataset name or path; a seeded sample of its test split "
+                   "(default: the bundled sample)")
+    p.add_argument("--images", type=int, default=8, help="test images for sensitivity and saliency (default 8)")
+    p.add_argument("--invert", type=int, default=1, help="of them, how many to invert (default 1)")
+    p.add_argument("--steps", type=int, default=300, help="inversion steps (default 300, sized for a CPU at "
+                   "32-64 px; the paper's 3000 at 224 px)")
+    p.add_argument("--only", action="append", choices=["sensitivity", "saliency", "inversion"],
+                   help="run only this analysis, repeatable (default: all three)")
+    p.add_argument("--resolution", type=int, help="input resolution (default: the images' own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the perturbations")
+    p.add_argument("--random-init", action="store_true", help="analyse a randomly initialised copy of each model")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="recompute figures already in the store")
     _add_store(p)
 
     p = sub.add_parser("invariance", help="PIRL's invariance analysis (§4.1, Fig. 4): distances between an image's "
@@ -193,25 +220,67 @@ def _print_table(rows) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)))
 
 
+def _encoders(args):
+    """The models named on the line (protocol.key=value settings among them skipped), loaded one at a time."""
+    from selfsup.evaluate.features import load_encoder, random_copy
+
+    for model in (m for m in args.models if "=" not in m):
+        encoder = load_encoder(model)
+        yield random_copy(encoder) if args.random_init else encoder
+
+
 def cmd_evaluate(args) -> int:
     from selfsup.config import parse_overrides
-    from selfsup.evaluate.features import load_encoder, random_copy
     from selfsup.evaluate.suite import evaluate_model
     from selfsup.results.store import Store
 
+    settings = parse_overrides([m for m in args.models if "=" in m] + args.overrides)
+    if args.suite:
+        return _evaluate_suite(args, settings)
     store = Store(args.store)
     rows = []
-    settings = parse_overrides([m for m in args.models if "=" in m] + args.overrides)
-    for model in (m for m in args.models if "=" not in m):
-        encoder = load_encoder(model)
-        if args.random_init:
-            encoder = random_copy(encoder)
+    for encoder in _encoders(args):
         taps = args.tap or ["pre_logits"]
         taps = tuple(encoder.backbone.taps) if "all" in taps else tuple(taps)
-        rows += evaluate_model(encoder, args.data, args.protocol or ["knn", "linear"], store, taps=taps,
+        rows += evaluate_model(encoder, args.data or "sample", args.protocol or ["knn", "linear"], store, taps=taps,
                                resolution=args.resolution, device=_device(args.device), force=args.force,
                                view=args.view, train_per_class=args.train_per_class, max_dims=args.max_dims,
                                overrides=settings)
+    _print_table(rows)
+    print(f"stored in {store.path}")
+    return 0
+
+
+def _evaluate_suite(args, settings: dict) -> int:
+    from selfsup.evaluate.transfer_suite import load_suite, run_suite
+    from selfsup.results.store import Store
+
+    clash = [flag for flag, value in (("--data", args.data), ("--protocol", args.protocol), ("--tap", args.tap),
+                                      ("--resolution", args.resolution), ("--train-per-class", args.train_per_class))
+             if value] + (["--view"] if args.view != "image" else []) + (["--max-dims"] if args.max_dims != 9000
+                                                                          else [])
+    if clash:
+        raise ValueError(f"--suite takes its datasets, protocols, taps and resolutions from the suite file; drop "
+                         f"{', '.join(clash)} (or run without --suite)")
+    suite = load_suite(args.suite)   # a bad suite fails before any model is loaded
+    store = Store(args.store)
+    out = run_suite(list(_encoders(args)), suite, store, device=_device(args.device), force=args.force,
+                    overrides=settings)
+    _print_table(out.rows)
+    for line in out.skipped:
+        print(f"skipped: {line}")
+    print(f"suite {suite.name}: {len(out.rows)} figures; stored in {store.path}")
+    return 0
+
+
+def cmd_analyse(args) -> int:
+    from selfsup.evaluate.transfer_suite import ANALYSES, run_analyses
+    from selfsup.results.store import Store
+
+    store = Store(args.store)
+    rows = run_analyses(list(_encoders(args)), args.data, store, images=args.images, invert=args.invert,
+                        steps=args.steps, resolution=args.resolution, seed=args.seed, device=_device(args.device),
+                        force=args.force, analyses=args.only or ANALYSES)
     _print_table(rows)
     print(f"stored in {store.path}")
     return 0
@@ -293,9 +362,10 @@ def cmd_list(args) -> int:
         from selfsup.data.registry import names as available
     else:
         from selfsup.evaluate.suite import DESCRIPTIONS
+        from selfsup.evaluate.transfer_suite import DESCRIPTIONS as TRANSFER
 
         def available():
-            return DESCRIPTIONS
+            return {**DESCRIPTIONS, **TRANSFER}
     entries = available()
     width = max(len(k) for k in entries)
     for name, text in entries.items():
@@ -316,8 +386,8 @@ def cmd_results(args) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "invariance": cmd_invariance, "bench": cmd_bench,
-            "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "results": cmd_results}
+COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "analyse": cmd_analyse, "invariance": cmd_invariance,
+            "bench": cmd_bench, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "results": cmd_results}
 
 
 def main(argv: list[str] | None = None) -> int:
