@@ -198,7 +198,10 @@ def suite_path(name: str | Path) -> Path:
     named, stems = {}, {}
     for p in sorted(SUITES.glob("*.yaml")):
         with open(p) as f:
-            named[(yaml.safe_load(f) or {}).get("name", p.stem)] = p
+            spec = yaml.safe_load(f) or {}
+        if "datasets" not in spec:   # configs/transfer also holds sweeps (models.yaml, cpu_study.yaml)
+            continue
+        named[spec.get("name", p.stem)] = p
         stems[p.stem] = p
     found = named.get(str(name)) or stems.get(str(name))
     if found is None:
