@@ -53,11 +53,17 @@ class Encoder:
     architecture: dict | None = None  # the BackboneConfig fields it was built from (for ``random_copy``)
 
 
-def _file_hash(path: Path) -> str:
+def weights_hash(path: Path) -> str:
+    """A hash of a safetensors file's tensors (names, dtypes, shapes, bytes) and metadata, in sorted order.
+    Not of the file's bytes: safetensors writes its metadata map in no fixed order, so re-exporting the same
+    weights (a finished run re-run, say) gave a new file hash, hence a "new model" and recomputed figures."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    with safe_open(path, "pt") as f:
+        digest.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -108,7 +114,7 @@ def load_encoder(path: str | Path, label: str | None = None) -> Encoder:
     std = tuple(json.loads(meta.get("std", json.dumps(IMAGENET_STD))))
     standardize = json.loads(meta.get("standardize", "false"))
     name = label or (path.parent.name if path.name == "backbone.safetensors" else path.stem)
-    return Encoder(net, name, _file_hash(path), mean, std, standardize, architecture)
+    return Encoder(net, name, weights_hash(path), mean, std, standardize, architecture)
 
 
 def _from_checkpoint(path: Path, label: str | None) -> Encoder:
@@ -128,7 +134,7 @@ def _from_checkpoint(path: Path, label: str | None) -> Encoder:
     state = checkpoint.load_model_state(ckpt)
     net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
     mean, std, standardize = methods.input_normalization(cfg["method"])
-    return Encoder(net, label or f"{run.name}@{ckpt.name}", _file_hash(ckpt / "model.safetensors"), mean, std,
+    return Encoder(net, label or f"{run.name}@{ckpt.name}", weights_hash(ckpt / "model.safetensors"), mean, std,
                    standardize, cfg["backbone"])
 
 
