@@ -11,6 +11,7 @@
     selfsup bench                       pretrain on the bundled sample, evaluate it and a random-init copy
     selfsup sweep SWEEP.yaml            a grid of runs (method × backbone × width × seed) and their evaluation
     selfsup report [--out report.html]  one self-contained HTML page from the results store
+    selfsup convert CKPT --backbone resnet50 --out F.safetensors   a published checkpoint to a selfsup backbone
     selfsup list methods|backbones|datasets|protocols
     selfsup results [--json]
 """
@@ -145,6 +146,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write one self-contained HTML page (tables and figures) from the results store")
     p.add_argument("--out", default="report.html", help="HTML file or directory (default report.html)")
     _add_store(p)
+
+    p = sub.add_parser("convert", help="a published checkpoint (torchvision-layout ResNet, e.g. MoCo, PIRL, SwAV, "
+                       "SimCLR) to a selfsup backbone file that evaluate, analyse and the suites read")
+    p.add_argument("checkpoint", help=".pth/.pth.tar/.pt (read with weights_only=True) or .safetensors")
+    p.add_argument("--backbone", default="resnet50", help="our architecture with the same layout (default resnet50)")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the published network)")
+    p.add_argument("--no-normalization", action="store_true", help="the model takes [0, 1] inputs without ImageNet "
+                   "mean/std (SimCLR's checkpoints, as Ericsson et al. note)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
 
     p = sub.add_parser("list", help="list methods, backbones, datasets or protocols")
     p.add_argument("what", choices=["methods", "backbones", "datasets", "protocols"])
@@ -353,6 +363,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from selfsup.zoo.convert import convert
+
+    info = convert(args.checkpoint, args.out, args.backbone, args.width, normalization=not args.no_normalization)
+    print(f"wrote {args.out}: {info['kept']} tensors kept (prefix {info['prefix']!r}), {info['dropped']} dropped"
+          + (f" (e.g. {', '.join(info['dropped_examples'])})" if info["dropped"] else ""))
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "methods":
         from selfsup.methods import available
@@ -387,7 +406,8 @@ def cmd_results(args) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "analyse": cmd_analyse, "invariance": cmd_invariance,
-            "bench": cmd_bench, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "results": cmd_results}
+            "bench": cmd_bench, "sweep": cmd_sweep, "report": cmd_report, "list": cmd_list, "results": cmd_results,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
