@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from test_learns import fit  # the learns tests' seeded training loop
 
 from selfsup import backbones, methods
 from selfsup.config import OptimConfig, build
 from selfsup.data import load
 from selfsup.train.loop import pretrain
-from selfsup.train.optim import build_optimizer
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
 
 
@@ -27,18 +27,6 @@ def _sample(split, n=None):
     data = load("sample", split)
     n = n or len(data.labels)
     return torch.from_numpy(data.images[:n].copy()).permute(0, 3, 1, 2), torch.from_numpy(data.labels[:n].copy())
-
-
-def _fit(method, train, steps, batch, optim):
-    """``steps`` optimisation steps on random batches of ``train``, every draw seeded by the step."""
-    opt = build_optimizer(method, optim, optim.lr)
-    for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        index = torch.randint(0, len(train), (batch,), generator=g)
-        loss = method(method.views(train[index], index, g))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 def test_registered_with_the_torchvision_recipe_and_imagenet_normalisation():
@@ -126,7 +114,7 @@ def test_supervised_learns_the_sample_classes():
         return F.cross_entropy(logits, test_y).item(), (logits.argmax(1) == test_y).float().mean().item()
 
     loss0, acc0 = held_out()
-    _fit(method, train_x, steps=150, batch=64, optim=OptimConfig(name="sgd", lr=0.1, weight_decay=1e-4))
+    fit(method, train_x, steps=150, batch=64, optim=OptimConfig(name="sgd", lr=0.1, weight_decay=1e-4))
     loss1, acc1 = held_out()
     # 10 classes, 960 held-out images: chance is 0.10; ~0.32 after 150 steps
     assert acc0 < 0.15
