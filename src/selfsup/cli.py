@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="sample", help="dataset name or path; its held-out split is used")
     p.add_argument("--representation", help="pirl: heads (default) or trunk; jigsaw: trunk (default) or head")
     p.add_argument("--seed", type=int, default=0, help="seed of the transformations drawn")
+    p.add_argument("--resolution", type=int, help="decode the images at this size (default: the run's data.size)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
     _add_store(p)
@@ -302,7 +303,7 @@ def cmd_invariance(args) -> int:
 
     store = Store(args.store)
     rows = [evaluate_invariance(m, args.data, store, args.representation, args.seed, device=_device(args.device),
-                                force=args.force) for m in args.models]
+                                force=args.force, resolution=args.resolution) for m in args.models]
     _print_table(rows)
     print(f"stored in {store.path}")
     return 0

@@ -173,3 +173,25 @@ def test_invariance_analysis_lands_one_row_with_its_histogram_in_the_store_and_r
     assert 0 < row.value < 2 and row.extra["method"] == "pirl"
     assert evaluate_invariance(str(run), "sample", store, bins=20).created == row.created   # from the store
     assert "Invariance to the jigsaw transformation" in build_report(store, tmp_path / "report.html").read_text()
+
+
+def test_invariance_analysis_decodes_the_held_out_images_at_the_runs_training_size(tmp_path, monkeypatch):
+    from selfsup.evaluate import invariance, suite
+
+    cfg = build({"method": {"name": "pirl", "num_negatives": 64},
+                 "backbone": {"name": "resnet18", "width": 0.125, "cifar_stem": True},
+                 "data": {"size": 24}, "train": {"steps": 1, "batch_size": 16, "progress": False}})
+    run = pretrain(cfg, tmp_path / "pirl-24px")
+    seen = []
+    real = invariance.invariance_distances
+
+    def spy(method, images, **kw):
+        seen.append(images.shape[1:3])
+        return real(method, images[:8], **kw)
+
+    monkeypatch.setattr(invariance, "invariance_distances", spy)
+    store = Store(tmp_path / "r.sqlite")
+    row = suite.evaluate_invariance(str(run), "sample", store, bins=10)
+    assert seen == [(24, 24)] and row.config["resolution"] == 24      # the sample's 32 px images, as trained
+    suite.evaluate_invariance(str(run), "sample", store, bins=10, resolution=32)
+    assert seen[-1] == (32, 32)                                          # an explicit size wins

@@ -14,11 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from selfsup.config import config_hash
+from selfsup.config import config_hash, read_yaml
 from selfsup.data import load
 from selfsup.data.registry import per_class_subset, resolve, train_val_split
 from selfsup.evaluate.features import MAX_DIMS, Encoder, tap_features
@@ -240,10 +241,12 @@ def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: 
 
 
 def evaluate_invariance(path: str, dataset: str, store: Store, representation: str | None = None, seed: int = 0,
-                        bins: int = 50, device: str = "cpu", force: bool = False) -> Result:
+                        bins: int = 50, device: str = "cpu", force: bool = False,
+                        resolution: int | None = None) -> Result:
     """PIRL's invariance analysis (§4.1, Fig. 4) of the model in run directory ``path`` on the held-out split
     of ``dataset`` (its test role): one row, protocol ``invariance``, tap = the representation compared,
-    value = the mean unit-l2 distance between f(v_I) and g(v_I^t), ``extra`` the histogram (``invariance``)."""
+    value = the mean unit-l2 distance between f(v_I) and g(v_I^t), ``extra`` the histogram (``invariance``).
+    The images are decoded at ``resolution``, by default the run's own ``data.size`` (its training images')."""
     from selfsup.evaluate.features import load_encoder
     from selfsup.evaluate.invariance import REPRESENTATIONS, histogram, invariance_distances, load_method
 
@@ -251,15 +254,20 @@ def evaluate_invariance(path: str, dataset: str, store: Store, representation: s
     representation = representation or REPRESENTATIONS.get(method.name, ("heads",))[0]
     encoder = load_encoder(path)
     spec = resolve(dataset)
+    run = Path(path).parent.parent if Path(path).name.startswith("step-") else Path(path)
+    if resolution is None and (run / "config.yaml").exists():
+        resolution = (read_yaml(run / "config.yaml").get("data") or {}).get("size")
     settings = {"seed": seed, "bins": bins, "representation": representation}
+    if resolution:  # absent for native-size images, so figures stored before this setting keep their key
+        settings["resolution"] = resolution
     key = dict(model=encoder.label, model_hash=encoder.weights_hash, dataset=spec.name, split=spec.test_split,
                protocol="invariance", tap=representation, config_hash=config_hash(settings))
     stored = [] if force else store.query(**key)
     if stored:
         return stored[0]
     start = time.perf_counter()
-    d = invariance_distances(method, load(dataset, spec.test_split).images, seed=seed, representation=representation,
-                             device=device)
+    d = invariance_distances(method, load(dataset, spec.test_split, size=resolution).images, seed=seed,
+                             representation=representation, device=device)
     row = Result(**key, metric="l2_unit", value=float(d.mean()), seconds=time.perf_counter() - start,
                  config=settings, extra={"std": float(d.std()), "method": method.name, **histogram(d, bins)})
     store.put([row])
