@@ -77,7 +77,8 @@ def main() -> None:
     for m, c in cell.items():
         if c["method"] != "pirl" or top1(m) is None:
             continue
-        lam, neg, perms = c.get("method.lam", 0.5), c.get("method.num_negatives", 4096), c.get("method.num_permutations")
+        lam, neg = c.get("method.lam", 0.5), c.get("method.num_negatives", 4096)
+        perms = c.get("method.num_permutations")
         if neg == 4096 and perms is None:
             series["lambda"].append((lam, m))
         if lam == 0.5 and perms is None:
