@@ -58,13 +58,22 @@ def main() -> None:
     for m, c in sorted(main_cells.items(), key=lambda kv: -(top1(kv[0]) or 0)):
         print(f"   {label(c):34} linear {top1(m) or float('nan'):6.2f}   kNN {top1(m, 'knn') or float('nan'):6.2f}")
 
-    print("2. linear top-1 by layer (best tap marked *)")
-    for m, c in sorted(main_cells.items(), key=lambda kv: kv[1]["method"]):
+    print("2. linear top-1 by layer (best tap marked *); then the gain over the random-init floor of the same network")
+    floor = next((m for m, p, _, _ in value if m.startswith("random-init") and p == "linear"), None)
+    layered = dict(main_cells)
+    if floor:
+        layered[floor] = {"method": "random-init"}
+    for m, c in sorted(layered.items(), key=lambda kv: kv[1]["method"]):
         taps = sorted(((t, v) for (mm, p, t, k), v in value.items() if mm == m and p == "linear" and k == "top1"),
                       key=lambda tv: TAP_ORDER.index(tv[0]) if tv[0] in TAP_ORDER else 99)
         if len(taps) > 2:
             best = max(v for _, v in taps)
             print(f"   {label(c):34} " + "  ".join(f"{t}{'*' if v == best else ''} {v:.2f}" for t, v in taps))
+            gains = [(t, v - top1(floor, tap=t)) for t, v in taps if floor and top1(floor, tap=t) is not None]
+            if gains and m != floor:
+                most = max(v for _, v in gains)
+                print(f"   {'   over random-init':34} "
+                      + "  ".join(f"{t}{'*' if v == most else ''} {v:+.2f}" for t, v in gains))
 
     print("3. invariance: unit-l2 distance between f(v_I) and g(v_I^t) on held-out images")
     for r in sorted((r for r in rows if r.protocol == "invariance"), key=lambda r: r.value):
