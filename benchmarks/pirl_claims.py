@@ -103,7 +103,8 @@ def main() -> None:
     if semi:
         print("6. semi-supervised fine-tuning (PIRL §3.3)")
         for r in sorted(semi, key=lambda r: (r.model, r.config.get("fraction", 0), r.metric)):
-            print(f"   {label(cell.get(r.model, {'method': r.model})):28} {r.config.get('fraction', 0):.0%} labels "
+            name = "random-init" if r.model.startswith("random-init") else label(cell.get(r.model, {"method": r.model}))
+            print(f"   {name:34} {r.config.get('fraction', 0):>4.0%} labels "
                   f"{r.metric} {r.value:.2f}")
 
 
