@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--representation", help="pirl: heads (default) or trunk; jigsaw: trunk (default) or head")
     p.add_argument("--seed", type=int, default=0, help="seed of the transformations drawn")
     p.add_argument("--resolution", type=int, help="decode the images at this size (default: the run's data.size)")
+    p.add_argument("--bn", choices=("running", "batch"), default="running",
+                   help="BN statistics: running (eval mode, default) or each pass's own batch, as in training")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
     _add_store(p)
@@ -303,7 +305,8 @@ def cmd_invariance(args) -> int:
 
     store = Store(args.store)
     rows = [evaluate_invariance(m, args.data, store, args.representation, args.seed, device=_device(args.device),
-                                force=args.force, resolution=args.resolution) for m in args.models]
+                                force=args.force, resolution=args.resolution, bn=args.bn)
+            for m in args.models]
     _print_table(rows)
     print(f"stored in {store.path}")
     return 0

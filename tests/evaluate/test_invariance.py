@@ -1,6 +1,7 @@
 """PIRL's invariance analysis (§4.1, Fig. 4): the distance is the paper's formula, identical branches give zero,
 t is seeded, the model comes back from a run directory unchanged, and the histogram is numpy's."""
 
+import copy
 import math
 
 import numpy as np
@@ -49,6 +50,27 @@ def test_pirl_with_g_made_equal_to_f_gives_zero_distances_in_eval_mode(monkeypat
     assert method.training                                   # the caller's mode is restored ...
     for k, v in _bn_state(method).items():                   # ... and no BN statistic moved (eval mode)
         assert torch.equal(v, bn[k]), k
+
+
+def test_batch_statistics_mode_is_the_training_passes_and_leaves_the_running_statistics_alone():
+    method, images = _method("pirl").eval(), _images(8)
+    with torch.no_grad():                                   # running statistics far from any batch's
+        for name, buf in method.named_buffers():
+            if name.endswith("running_mean"):
+                buf.add_(3.0)
+    bn = _bn_state(method)
+    d = invariance_distances(method, images, seed=2, batch_size=8, bn="batch")
+    assert not method.training
+    for k, v in _bn_state(method).items():
+        assert torch.equal(v, bn[k]), k
+    twin = copy.deepcopy(method).train()                    # the same two passes, each on its own batch statistics
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        f, g = invariance.pirl_pair(twin, x, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(d, unit_distances(f, g))
+    assert not torch.allclose(d, invariance_distances(method, images, seed=2, batch_size=8))   # running differs
+    with pytest.raises(ValueError, match="bn"):
+        invariance_distances(method, images, bn="frozen")
 
 
 def test_pirl_distances_are_seeded_and_lie_on_the_unit_sphere_scale():

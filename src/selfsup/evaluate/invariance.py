@@ -31,8 +31,14 @@ Choices, where the paper is silent:
   BN + ReLU, eval mode) for the same nine tile embeddings concatenated in their original order and in the
   order t, which is the place where the Jigsaw network represents the permutation. PIRL's ``"trunk"`` mode
   applies the Jigsaw default to a PIRL network, so both models can be compared on one footing as well.
-- Evaluation mode (BN running statistics), no gradients, batched; the model's ``training`` flag is restored
-  afterwards. The draws come from one CPU generator seeded with ``seed`` and consumed batch by batch, so the
+- **BN statistics.** ``bn="running"`` (the default): evaluation mode, as every probe. ``bn="batch"``: each
+  pass (the images, then the tiles) is normalised by its own batch's statistics, as in training; the running
+  statistics are left as they were. PIRL (as VISSL's) sends images and tiles through the same BN layers in
+  separate passes, so its running statistics average two input distributions; at small sizes (32 px images,
+  9 px tiles) they fit neither, and ``"running"`` then measures that mismatch as much as the invariance (our
+  CPU study's PIRL: mean distance 1.51 with running statistics, 1.06 with batch ones; docs/REPRODUCTIONS.md).
+- No gradients, batched; the model's ``training`` flag is restored afterwards. The draws come from one CPU
+  generator seeded with ``seed`` and consumed batch by batch, so the
   distances are a function of (weights, images, seed, batch_size).
 
 Usage::
@@ -61,6 +67,7 @@ from selfsup.views.permutations import permute_tiles
 from selfsup.views.pirl_views import pirl_geometry
 
 REPRESENTATIONS = {"pirl": ("heads", "trunk"), "jigsaw": ("trunk", "head")}
+BN_MODES = ("running", "batch")
 
 
 def unit_distances(a: Tensor, b: Tensor) -> Tensor:
@@ -178,7 +185,8 @@ _PAIRS: dict[str, Callable] = {"pirl": pirl_pair, "jigsaw": jigsaw_pair}
 
 @torch.no_grad()
 def invariance_distances(model: Method | str | Path, images: np.ndarray, seed: int = 0, batch_size: int = 256,
-                         representation: str | None = None, device: str | torch.device = "cpu") -> Tensor:
+                         representation: str | None = None, device: str | torch.device = "cpu",
+                         bn: str = "running") -> Tensor:
     """Per-image ‖f̂(v_I) − ĝ(v_I^t)‖₂ (unit-normalised) of uint8 N×H×W×3 images under one random t each, for a
     PIRL or Jigsaw model (a Method, or a run directory / checkpoint to load). A 1-D float32 CPU tensor of N."""
     method = model if isinstance(model, Method) else load_method(model)
@@ -190,8 +198,11 @@ def invariance_distances(model: Method | str | Path, images: np.ndarray, seed: i
                          f"for {method.name}")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
+    if bn not in BN_MODES:
+        raise ValueError(f"bn={bn!r} is not one of {', '.join(BN_MODES)}")
     was_training = method.training
-    method.to(device).eval()
+    method.to(device).train(bn == "batch")
+    kept = {name: buf.clone() for name, buf in method.named_buffers() if "running_" in name or "num_batches" in name}
     g = torch.Generator().manual_seed(seed)
     out = []
     try:
@@ -201,4 +212,7 @@ def invariance_distances(model: Method | str | Path, images: np.ndarray, seed: i
             out.append(unit_distances(f, gt).cpu())
     finally:
         method.train(was_training)
+        for name, buf in method.named_buffers():   # batch-statistics passes must not move the running ones
+            if name in kept:
+                buf.copy_(kept[name])
     return torch.cat(out) if out else torch.empty(0)

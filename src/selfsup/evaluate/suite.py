@@ -242,11 +242,12 @@ def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: 
 
 def evaluate_invariance(path: str, dataset: str, store: Store, representation: str | None = None, seed: int = 0,
                         bins: int = 50, device: str = "cpu", force: bool = False,
-                        resolution: int | None = None) -> Result:
+                        resolution: int | None = None, bn: str = "running") -> Result:
     """PIRL's invariance analysis (§4.1, Fig. 4) of the model in run directory ``path`` on the held-out split
     of ``dataset`` (its test role): one row, protocol ``invariance``, tap = the representation compared,
     value = the mean unit-l2 distance between f(v_I) and g(v_I^t), ``extra`` the histogram (``invariance``).
-    The images are decoded at ``resolution``, by default the run's own ``data.size`` (its training images')."""
+    The images are decoded at ``resolution``, by default the run's own ``data.size`` (its training images');
+    ``bn`` chooses BN's running or per-batch statistics (``evaluate.invariance``)."""
     from selfsup.evaluate.features import load_encoder
     from selfsup.evaluate.invariance import REPRESENTATIONS, histogram, invariance_distances, load_method
 
@@ -260,6 +261,8 @@ def evaluate_invariance(path: str, dataset: str, store: Store, representation: s
     settings = {"seed": seed, "bins": bins, "representation": representation}
     if resolution:  # absent for native-size images, so figures stored before this setting keep their key
         settings["resolution"] = resolution
+    if bn != "running":  # likewise
+        settings["bn"] = bn
     key = dict(model=encoder.label, model_hash=encoder.weights_hash, dataset=spec.name, split=spec.test_split,
                protocol="invariance", tap=representation, config_hash=config_hash(settings))
     stored = [] if force else store.query(**key)
@@ -267,7 +270,7 @@ def evaluate_invariance(path: str, dataset: str, store: Store, representation: s
         return stored[0]
     start = time.perf_counter()
     d = invariance_distances(method, load(dataset, spec.test_split, size=resolution).images, seed=seed,
-                             representation=representation, device=device)
+                             representation=representation, device=device, bn=bn)
     row = Result(**key, metric="l2_unit", value=float(d.mean()), seconds=time.perf_counter() - start,
                  config=settings, extra={"std": float(d.std()), "method": method.name, **histogram(d, bins)})
     store.put([row])
