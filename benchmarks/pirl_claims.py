@@ -76,10 +76,11 @@ def main() -> None:
                       + "  ".join(f"{t}{'*' if v == most else ''} {v:+.2f}" for t, v in gains))
 
     print("3. invariance: unit-l2 distance between f(v_I) and g(v_I^t) on held-out images")
-    for r in sorted((r for r in rows if r.protocol == "invariance"), key=lambda r: r.value):
+    for r in sorted((r for r in rows if r.protocol == "invariance"), key=lambda r: (r.config.get("bn", ""), r.value)):
         q1, med, q3 = histogram_quantiles(r.extra["counts"], r.extra["edges"])
-        print(f"   {label(cell.get(r.model, {'method': r.extra.get('method', r.model)})):28} ({r.tap:5}) "
-              f"mean {r.value:.3f}  median {med:.3f}  quartiles {q1:.3f}-{q3:.3f}  n={sum(r.extra['counts'])}")
+        print(f"   {label(cell.get(r.model, {'method': r.extra.get('method', r.model)})):34} {r.tap:5} "
+              f"BN {r.config.get('bn', 'running'):7}  mean {r.value:.3f}  median {med:.3f}  "
+              f"quartiles {q1:.3f}-{q3:.3f}  n={sum(r.extra['counts']):.0f}")
 
     print("4-5. ablations (linear top-1, pre-logits; kNN in brackets)")
     series = defaultdict(list)
