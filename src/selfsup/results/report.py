@@ -205,8 +205,8 @@ def _representation_size(rows: list[Result], plt) -> str:
 
 
 def _invariance(rows: list[Result]) -> str:
-    """PIRL's Fig. 4: per dataset, the distance histogram of every model (as densities, so splits of any size
-    compare), the legend giving each model's mean distance."""
+    """PIRL's Fig. 4: per dataset and BN mode (``selfsup invariance --bn``), the distance histogram of every model
+    (as densities, so splits of any size compare), the legend giving each model's mean distance."""
     found = [r for r in rows if r.protocol == "invariance" and "counts" in r.extra]
     if not found:
         return ""
@@ -216,16 +216,19 @@ def _invariance(rows: list[Result]) -> str:
     import matplotlib.pyplot as plt
 
     out = ["<h2>Invariance to the jigsaw transformation (PIRL Fig. 4)</h2>"]
-    for dataset in sorted({r.dataset for r in found}):
+    def bn(r):
+        return r.config.get("bn", "running")
+
+    for dataset, mode in sorted({(r.dataset, bn(r)) for r in found}):
         fig, ax = plt.subplots(figsize=(4.5, 3.0))
-        for r in sorted((r for r in found if r.dataset == dataset), key=lambda r: (r.model, r.tap)):
+        for r in sorted((r for r in found if r.dataset == dataset and bn(r) == mode), key=lambda r: (r.model, r.tap)):
             counts, edges = r.extra["counts"], r.extra["edges"]
             total = sum(counts) or 1
             ax.stairs([c / total for c in counts], edges, label=f"{r.model} ({r.tap}): mean {r.value:.2f}")
         ax.set_xlabel("l2 distance of unit f(v_I) and g(v_I^t)")
         ax.set_ylabel("fraction of images")
         ax.legend(fontsize=6)
-        out.append(f"<h3>{html.escape(dataset)}</h3>{_png(fig)}")
+        out.append(f"<h3>{html.escape(dataset)} · BN {mode} statistics</h3>{_png(fig)}")
     return "\n".join(out)
 
 
