@@ -36,10 +36,10 @@ Choices, where the paper is silent:
   statistics are left as they were. PIRL (as VISSL's) sends images and tiles through the same BN layers in
   separate passes, so its running statistics average two input distributions; at small sizes (32 px images,
   9 px tiles) they fit neither, and ``"running"`` then measures that mismatch as much as the invariance (our
-  CPU study's PIRL: mean distance 1.51 with running statistics, 1.06 with batch ones; docs/REPRODUCTIONS.md).
+  CPU study's PIRL: mean distance 1.51 with running statistics, 1.07 with batch ones; docs/REPRODUCTIONS.md).
 - No gradients, batched; the model's ``training`` flag is restored afterwards. The draws come from one CPU
-  generator seeded with ``seed`` and consumed batch by batch, so the
-  distances are a function of (weights, images, seed, batch_size).
+  generator seeded with ``seed`` and consumed batch by batch, so the distances are a function of (weights,
+  images, seed, batch_size).
 
 Usage::
 
