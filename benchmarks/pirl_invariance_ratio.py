@@ -11,11 +11,9 @@ Usage: python benchmarks/pirl_invariance_ratio.py RUN_DIR... [--data tinyimagene
 from __future__ import annotations
 
 import argparse
-import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from selfsup.config import read_yaml
 from selfsup.data import load
@@ -23,17 +21,9 @@ from selfsup.data.registry import resolve
 from selfsup.evaluate import invariance
 
 
-@torch.no_grad()
-def own_and_other(method, images: np.ndarray, representation: str, bn: str, seed: int = 0, batch: int = 256):
-    model = copy.deepcopy(method).train(bn == "batch")   # a copy: batch-statistics passes move BN buffers
-    g = torch.Generator().manual_seed(seed)
-    fs, gs = [], []
-    for start in range(0, len(images), batch):
-        x = torch.from_numpy(np.array(images[start:start + batch])).permute(0, 3, 1, 2)
-        f, gt = invariance._PAIRS[method.name](model, x, g, representation)
-        fs.append(F.normalize(f.float(), dim=1))
-        gs.append(F.normalize(gt.float(), dim=1))
-    d = torch.cdist(torch.cat(fs), torch.cat(gs))
+def own_and_other(method, images: np.ndarray, representation: str, bn: str, seed: int = 0) -> tuple[float, float]:
+    f, g = invariance.invariance_pairs(method, images, seed, representation=representation, bn=bn)
+    d = torch.cdist(f, g)
     n = len(d)
     own = d.diagonal().mean().item()
     return own, (d.sum().item() - d.diagonal().sum().item()) / (n * (n - 1))

@@ -184,11 +184,11 @@ _PAIRS: dict[str, Callable] = {"pirl": pirl_pair, "jigsaw": jigsaw_pair}
 
 
 @torch.no_grad()
-def invariance_distances(model: Method | str | Path, images: np.ndarray, seed: int = 0, batch_size: int = 256,
-                         representation: str | None = None, device: str | torch.device = "cpu",
-                         bn: str = "running") -> Tensor:
-    """Per-image ‖f̂(v_I) − ĝ(v_I^t)‖₂ (unit-normalised) of uint8 N×H×W×3 images under one random t each, for a
-    PIRL or Jigsaw model (a Method, or a run directory / checkpoint to load). A 1-D float32 CPU tensor of N."""
+def invariance_pairs(model: Method | str | Path, images: np.ndarray, seed: int = 0, batch_size: int = 256,
+                     representation: str | None = None, device: str | torch.device = "cpu",
+                     bn: str = "running") -> tuple[Tensor, Tensor]:
+    """(f(v_I), g(v_I^t)), each N × D, unit-normalised float32 on the CPU, of uint8 N×H×W×3 images under one random
+    t each, for a PIRL or Jigsaw model (a Method, or a run directory / checkpoint to load)."""
     method = model if isinstance(model, Method) else load_method(model)
     if method.name not in _PAIRS:
         raise ValueError(f"the invariance analysis is defined for {', '.join(_PAIRS)}, not {method.name!r}")
@@ -204,15 +204,26 @@ def invariance_distances(model: Method | str | Path, images: np.ndarray, seed: i
     method.to(device).train(bn == "batch")
     kept = {name: buf.clone() for name, buf in method.named_buffers() if "running_" in name or "num_batches" in name}
     g = torch.Generator().manual_seed(seed)
-    out = []
+    fs, gs = [], []
     try:
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device).permute(0, 3, 1, 2)
             f, gt = _PAIRS[method.name](method, x, g, representation)
-            out.append(unit_distances(f, gt).cpu())
+            fs.append(F.normalize(f.float(), dim=1).cpu())
+            gs.append(F.normalize(gt.float(), dim=1).cpu())
     finally:
         method.train(was_training)
         for name, buf in method.named_buffers():   # batch-statistics passes must not move the running ones
             if name in kept:
                 buf.copy_(kept[name])
-    return torch.cat(out) if out else torch.empty(0)
+    if not fs:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return torch.cat(fs), torch.cat(gs)
+
+
+def invariance_distances(model: Method | str | Path, images: np.ndarray, seed: int = 0, batch_size: int = 256,
+                         representation: str | None = None, device: str | torch.device = "cpu",
+                         bn: str = "running") -> Tensor:
+    """Per-image ‖f̂(v_I) − ĝ(v_I^t)‖₂ (``unit_distances`` of ``invariance_pairs``): a 1-D float32 CPU tensor of N."""
+    f, g = invariance_pairs(model, images, seed, batch_size, representation, device, bn)
+    return unit_distances(f, g) if len(f) else torch.empty(0)
