@@ -14,16 +14,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from selfsup.data import load
 from selfsup.data.sources import (
     ArraySource,
     CifarSource,
     DecodeError,
     FolderSource,
     ZipSource,
+    _leaves_folder,
     decode,
     open_source,
     resize_center_crop,
 )
+from selfsup.errors import UserError
+from selfsup.paths import cache_dir
 
 DATA = os.environ.get("SELFSUP_DATA")
 
@@ -204,6 +208,85 @@ def test_zip_single_split_named_train_is_a_split(tmp_path):
         assert src.splits() == ["train"] and src.classes == ["x"]
 
 
+# ---- entries that leave their folder -------------------------------------------------------------
+
+UNSAFE_MEMBERS = ["train/../../x.png", "/abs/cat/x.png", "C:/win/cat/x.png", "train\\..\\..\\x.png",
+                  "C:\\win\\cat\\x.png", "train//x.png", "train/cat/../../../x.png"]
+
+
+def _jpeg(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _unsafe_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("train/cat/0.png", _png(Image.new("RGB", (4, 4), (10, 20, 30))))
+        z.writestr("train/dog/0.jpg", _jpeg((200, 100, 50)))
+        z.writestr("test/cat/1.png", _png(Image.new("RGB", (4, 4), (1, 2, 3))))
+        for name in UNSAFE_MEMBERS:
+            z.writestr(name, _png(Image.new("RGB", (4, 4), (255, 0, 0))))
+    return path
+
+
+def test_zip_member_leaving_its_split_is_refused_by_name(tmp_path):
+    path = _unsafe_zip(tmp_path / "evil.zip")
+    with ZipSource(path) as src:  # the listing leaves them out: no class ".." or "" or "abs"
+        assert src.classes == ["cat", "dog"] and src.splits() == ["test", "train"]
+        assert set(src.unsafe()) == set(UNSAFE_MEMBERS) and src.count("train") == 2
+        assert "'..'" in src.unsafe()["train/../../x.png"]
+        assert "backslash" in src.unsafe()["train\\..\\..\\x.png"]
+        assert "absolute" in src.unsafe()["/abs/cat/x.png"] and "drive" in src.unsafe()["C:/win/cat/x.png"]
+    caches = cache_dir("images")
+    before = set(caches.iterdir())
+    with pytest.raises(DecodeError) as err:
+        load(str(path), "train")
+    message = str(err.value)
+    assert isinstance(err.value, UserError)
+    assert "zip member 'train/../../x.png'" in message and str(path) in message
+    assert "leaves its split folder" in message and "(and 6 more" in message
+    assert "remove the entry from the zip, or pass data.on_error=skip" in message
+    assert set(caches.iterdir()) == before  # refused before any cache (or tmp folder) was written
+
+
+def test_zip_member_leaving_its_split_skipped_and_counted(tmp_path):
+    path = _unsafe_zip(tmp_path / "evil.zip")
+    ds = load(str(path), "train", on_error="skip")
+    assert ds.classes == ["cat", "dog"] and len(ds) == 2 and ds.labels.tolist() == [0, 1]
+    assert ds.images[0, 0, 0].tolist() == [10, 20, 30]
+    assert sorted(ds.skipped) == sorted(UNSAFE_MEMBERS)
+    assert sorted(load(str(path), "train", on_error="skip").skipped) == sorted(UNSAFE_MEMBERS)  # cache hit
+    assert sorted(load(str(path), "test", on_error="skip").skipped) == sorted(UNSAFE_MEMBERS)
+    with pytest.raises(DecodeError, match=r"zip member 'train/\.\./\.\./x\.png'.*on_error=skip"):
+        load(str(path), "train")  # the cached skip does not hide them from raise
+
+
+def test_zip_with_only_unsafe_members_names_them(tmp_path):
+    path = tmp_path / "only.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("../cat/x.png", _png(Image.new("RGB", (4, 4))))
+    with ZipSource(path) as src, pytest.raises(DecodeError, match=r"'\.\./cat/x\.png'.*leaves its split"):
+        src.splits()
+
+
+def test_safe_names_are_not_unsafe():
+    for name in ["train/cat/0.png", "wrap/train/cat/x.png", "./train/cat/x.png", "train/c..at/x..png",
+                 "train/cat\\x.png"]:
+        assert _leaves_folder(name) is None, name
+
+
+def test_folder_follows_symlinks_out_of_the_root(tmp_path):
+    # train -> /mnt/big/train is a common layout; reading through a link writes nothing, so it is followed
+    root = tmp_path / "d"
+    _write_tree(root, {"train": {"a": 2}})
+    outside = tmp_path / "elsewhere"
+    _write_tree(outside, {"": {"z": 2}})
+    (root / "train" / "linked").symlink_to(outside / "z", target_is_directory=True)
+    src = FolderSource(root)
+    assert src.classes == ["a", "linked"] and src.count("train") == 4 and src.unsafe() == {}
+
+
 def test_array_source():
     imgs = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
     src = ArraySource(imgs, [0, 1, 0, 1, 1], classes=["a", "b"])
@@ -274,6 +357,21 @@ def test_cifar100_tar_gz_fine_labels(tmp_path):
     items = list(src.items("train"))
     assert [it.label for it in items] == [90, 91, 92, 93]
     np.testing.assert_array_equal(items[3].data, truth["train"][3])
+
+
+def test_cifar_tar_reads_only_exact_member_names(tmp_path):
+    _write_cifar10(tmp_path / "staging")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "staging" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        for name in ("cifar-10-batches-py/../test_batch", "/cifar-10-batches-py/test_batch",
+                     "cifar-10-batches-py/sub/../test_batch"):  # after the real one: would override it
+            info = tarfile.TarInfo(name)
+            info.size = 7
+            tar.addfile(info, io.BytesIO(b"garbage"))
+    with tarfile.open(archive) as tar:
+        assert "/cifar-10-batches-py/test_batch" in tar.getnames()
+    assert len(list(CifarSource(archive).items("test"))) == 3  # a garbage pickle would raise DecodeError
 
 
 def test_cifar_pickle_cannot_run_code(tmp_path):

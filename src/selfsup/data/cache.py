@@ -4,7 +4,7 @@ Layout under ``cache_dir("images")`` (``$SELFSUP_HOME/cache/images``)::
 
     <key>/images.u8    raw uint8 N×H×W×3, C order (read back with np.memmap)
           labels.npy   int64 N
-          meta.json    classes, shape, skipped files, source identity, decode time
+          meta.json    classes, shape, skipped files, unsafe entries, source identity, decode time
 
 ``key`` hashes the source identity (absolute path, size and mtime — for folders the image count,
 total bytes and newest mtime), the split, the requested ``size`` and :data:`FORMAT_VERSION`, so
@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from selfsup.durable import fsync_dir, fsync_path, write_json
+from selfsup.errors import UnknownName, UserError
 from selfsup.paths import cache_dir
 
 from . import sources
@@ -100,14 +101,17 @@ def load(name_or_path: str, split: str, size: int | None = None, on_error: str =
     ``size``: resize every image (shorter side to ``size``, bicubic, centre crop ``size×size``);
     ``None`` keeps the native size, which requires all images of the split to share one size.
     ``on_error``: ``"raise"`` stops at the first undecodable file, naming it; ``"skip"`` leaves such
-    files out, logs them and lists them in ``ImageSet.skipped``.
+    files out, logs them and lists them in ``ImageSet.skipped``. Entries that leave their folder
+    (:meth:`Source.unsafe`: a zip member ``train/../../x.png``) are never
+    read: ``"raise"`` refuses the dataset before any cache is written, ``"skip"`` lists them in
+    ``skipped`` too — for every split, as such an entry belongs to none.
     ``split`` ``"train"``/``"test"`` also select the dataset's train/test role when no split of that
     name exists (e.g. ``"test"`` is ``"val"`` for tinyimagenet100).
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise UserError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if size is not None and (int(size) != size or size < 1):
-        raise ValueError(f"size must be a positive int or None, got {size!r}")
+        raise UserError(f"size must be a positive int or None, got {size!r}")
     name, path, metric, roles = _locate(name_or_path)
     split = roles.get(split, split)
     with open_source(path) as source:
@@ -125,6 +129,8 @@ def load(name_or_path: str, split: str, size: int | None = None, on_error: str =
             if final.exists():  # damaged (files deleted by hand): rebuild it
                 shutil.rmtree(final, ignore_errors=True)
             meta = _build(source, split, size, on_error, final)
+    if on_error == "raise" and meta.get("unsafe"):  # a cache built under skip does not hide them
+        raise sources.unsafe_error(source, meta["unsafe"])
     if on_error == "raise" and meta["skipped"]:
         raise DecodeError(
             f"{len(meta['skipped'])} files of {name}/{split} could not be decoded (cached at {final}), "
@@ -197,7 +203,7 @@ def _role_split(source: Source, split: str, train: str, test: str | None) -> str
     role = {"train": train, "test": test}.get(split)
     if role in available:
         return role
-    raise KeyError(f"split {split!r} not found in {source.path}; it has {available}. Pass one of those.")
+    raise UnknownName(f"split {split!r} not found in {source.path}; it has {available}. Pass one of those.")
 
 
 def _workers() -> int:
@@ -277,6 +283,8 @@ def _decoded(
 
 def _build(source: Source, split: str, size: int | None, on_error: str, final: Path) -> dict:
     """Decode ``split`` into a tmp folder beside ``final`` and rename it into place; return its meta."""
+    if on_error == "raise" and source.unsafe():  # refuse before writing anything
+        raise sources.unsafe_error(source, source.unsafe())
     tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     (tmp / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
@@ -305,7 +313,8 @@ def _write(source: Source, split: str, size: int | None, on_error: str, out: Pat
     workers = _workers()
     start = time.perf_counter()
     labels = np.empty(n, dtype=np.int64)
-    skipped: list[str] = []
+    unsafe = source.unsafe()  # left out at listing (on_error is "skip" here): counted as skipped
+    skipped: list[str] = list(unsafe)
     images: np.memmap | None = None
     first = ("", (0, 0))
     pos = 0
@@ -321,7 +330,7 @@ def _write(source: Source, split: str, size: int | None, on_error: str, out: Pat
                 images = np.memmap(out / "images.u8", dtype=np.uint8, mode="w+", shape=(n, *img.shape[:2], 3))
             if img.shape[:2] != images.shape[1:3]:
                 (h0, w0), (h1, w1) = first[1], img.shape[:2]
-                raise ValueError(
+                raise UserError(
                     f"images of split {split!r} in {source.path} differ in size: {first[0]} is {w0}x{h0} "
                     f"but {source.describe(chunk[p].name)} is {w1}x{h1}; pass size=N to resize the "
                     f"shorter side to N and centre-crop NxN (e.g. size={min(h0, w0)})"
@@ -344,15 +353,18 @@ def _write(source: Source, split: str, size: int | None, on_error: str, out: Pat
         f.flush()
         os.fsync(f.fileno())
     seconds = time.perf_counter() - start
-    if skipped:
-        log.warning("skipped %d undecodable images of %s split %r: %s%s", len(skipped), source.path, split,
-                    ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+    if unsafe:
+        log.warning("skipped %d entries of %s that leave their split folder: %s%s", len(unsafe), source.path,
+                    ", ".join(list(unsafe)[:5]), " ..." if len(unsafe) > 5 else "")
+    if bad := skipped[len(unsafe):]:
+        log.warning("skipped %d undecodable images of %s split %r: %s%s", len(bad), source.path, split,
+                    ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
     log.info("decoded %d images of %s split %r to %s in %.1fs (%.0f img/s, %d workers)", pos, source.path,
              split, shape, seconds, pos / max(seconds, 1e-9), workers)
     return {
         "format": FORMAT_VERSION, "shape": list(shape), "classes": list(source.classes), "split": split,
-        "size": size, "skipped": skipped, "source": source.identity(), "decode_seconds": round(seconds, 3),
-        "workers": workers, "created": time.time(),
+        "size": size, "skipped": skipped, "unsafe": unsafe, "source": source.identity(),
+        "decode_seconds": round(seconds, 3), "workers": workers, "created": time.time(),
     }
 
 

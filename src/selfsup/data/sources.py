@@ -10,8 +10,14 @@ Four forms are read, all in place (nothing is extracted to disk):
 - :class:`ZipSource` — the same tree inside a zip (the form of ``../shared/data/*.zip``), read
   member by member with :mod:`zipfile`; one extra top-level folder (``cifar10/train/...``) is allowed.
 - :class:`CifarSource` — the official CIFAR-10/100 python pickles (``cifar-10-batches-py/``,
-  ``cifar-100-python/`` — fine labels — or their ``.tar.gz`` archives read with :mod:`tarfile`).
+  ``cifar-100-python/`` — fine labels — or their ``.tar.gz`` archives read with :mod:`tarfile`;
+  only members of the exact official names are read).
 - :class:`ArraySource` — in-memory ``uint8`` arrays ``N×H×W×3`` (or ``N×H×W`` grey) plus labels.
+
+Zip members that would leave their folder — named with ``..``, an absolute path, a drive letter or
+empty components (backslashes counted as separators) — are never read: :meth:`Source.unsafe` lists
+them with the reason, and the cache refuses the dataset naming the first (:func:`unsafe_error`), or
+skips and counts them.
 
 :func:`decode` turns any of these payloads into ``H×W×3`` uint8 RGB, with one policy for every
 Pillow mode (see :func:`to_rgb`) and, when asked, Ericsson et al.'s resize (shorter side to ``size``,
@@ -30,6 +36,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tarfile
 import zipfile
 from abc import ABC, abstractmethod
@@ -39,6 +46,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from selfsup.errors import UnknownName, UserError
 
 #: File extensions treated as images (lower case); anything else in a tree (README, .csv) is ignored.
 IMG_EXTENSIONS = (
@@ -60,8 +69,8 @@ class Item(NamedTuple):
     data: bytes | np.ndarray
 
 
-class DecodeError(ValueError):
-    """An image could not be read or decoded; the message names the file and the fix."""
+class DecodeError(UserError):
+    """An image could not be read or decoded, or an entry is refused; the message names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,7 +143,7 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
         return np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim == 3 and arr.shape[2] == 3:
         return arr
-    raise ValueError(f"image arrays must be H×W×3 or H×W uint8, got shape {arr.shape}")
+    raise UserError(f"image arrays must be H×W×3 or H×W uint8, got shape {arr.shape}")
 
 
 def decode(data: bytes | np.ndarray, size: int | None = None) -> np.ndarray:
@@ -211,13 +220,17 @@ class Source(ABC):
         """A human pointer to one item, for error messages."""
         return f"{name!r} in {self.path}"
 
+    def unsafe(self) -> dict[str, str]:
+        """Entries left out of the listing because they leave their folder: ``{name: why}``, never read."""
+        return {}
+
     def labels(self, split: str) -> np.ndarray:
         """Labels of ``split`` without reading image data where the source allows it."""
         return np.array([item.label for item in self.items(split)], dtype=np.int64)
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits():
-            raise KeyError(
+            raise UnknownName(
                 f"split {split!r} not found in {self.path or 'arrays'}; it has {self.splits()}. "
                 f"Pass one of those."
             )
@@ -237,6 +250,39 @@ def _is_image(path: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMG_EXTENSIONS)
 
 
+def _leaves_folder(name: str) -> str | None:
+    """Why a zip member name would leave the folder it is joined to, or ``None`` if it stays inside.
+
+    Backslashes count as separators, as Windows tools read them, so ``train\\..\\..\\x.png`` cannot
+    hide its ``..``; a harmless backslash (``train\\cat\\x.png``) is left as it was.
+    """
+    posix = name.replace("\\", "/")
+    parts = posix.split("/")
+    why = None
+    if posix.startswith("/"):
+        why = "an absolute path"
+    elif re.match(r"[A-Za-z]:", posix):
+        why = "a drive letter"
+    elif ".." in parts:
+        why = "a '..' component"
+    elif "" in parts:
+        why = "an empty path component"
+    if why and "\\" in name:
+        why += " (with backslash separators)"
+    return why
+
+
+def unsafe_error(source: Source, unsafe: dict[str, str]) -> DecodeError:
+    """The refusal of a source with entries that leave their folder, naming the first and the fix."""
+    name, why = next(iter(unsafe.items()))
+    more = f" (and {len(unsafe) - 1} more)" if len(unsafe) > 1 else ""
+    fix = getattr(source, "unsafe_fix", "remove it")
+    return DecodeError(
+        f"refusing {source.describe(name)}: it leaves its split folder ({why}){more}; "
+        f"{fix}, or pass data.on_error=skip to skip and count it"
+    )
+
+
 def _layout(paths: Sequence[str], where: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
     """Turn relative image paths into (classes, {split: [(path, label)]}), ImageFolder style.
 
@@ -248,7 +294,7 @@ def _layout(paths: Sequence[str], where: str) -> tuple[list[str], dict[str, list
     """
     parts = [(p, p.split("/")) for p in paths if "/" in p]
     if not parts:
-        raise ValueError(
+        raise UserError(
             f"no images found in {where}; expected <split>/<class>/<file> or <class>/<file> "
             f"with extensions {', '.join(IMG_EXTENSIONS)}"
         )
@@ -260,7 +306,7 @@ def _layout(paths: Sequence[str], where: str) -> tuple[list[str], dict[str, list
     if not has_split_level and tops & SPLIT_NAMES and max(len(q) for _, q in parts) >= 3:
         shallow = next(p for p, q in parts if len(q) == 2)
         deep = next(p for p, q in parts if len(q) >= 3)
-        raise ValueError(
+        raise UserError(
             f"mixed layout in {where}: {shallow!r} sits at <class>/<file> but {deep!r} at "
             f"<split>/<class>/<file>; move the stray files into a class folder of a split"
         )
@@ -286,13 +332,20 @@ class _TreeSource(Source):
 
     @abstractmethod
     def _list(self) -> list[str]:
-        """Relative paths of all image files."""
+        """Relative paths of all image files that stay inside the tree; sets ``self._unsafe``."""
 
     @property
     def _entries(self) -> dict[str, list[tuple[str, int]]]:
         if self._tree is None:
-            self._tree = _layout(self._list(), str(self.path))
+            paths = self._list()
+            if self._unsafe and not any("/" in p for p in paths):  # nothing else to load: say why
+                raise unsafe_error(self, self._unsafe)
+            self._tree = _layout(paths, str(self.path))
         return self._tree[1]
+
+    def unsafe(self) -> dict[str, str]:
+        self._entries  # noqa: B018 - builds the listing, which finds them
+        return dict(self._unsafe)
 
     @property
     def classes(self) -> list[str]:  # type: ignore[override]
@@ -335,9 +388,10 @@ class _TreeSource(Source):
 class FolderSource(_TreeSource):
     """An ImageFolder directory: ``<root>/<split>/<class>/<file>`` or ``<root>/<class>/<file>``.
 
-    Hidden files and folders and non-image files are ignored. The cache identity is the folder's
-    absolute path with its image count, total bytes and newest modification time, so adding, removing
-    or editing an image invalidates the cache.
+    Hidden files and folders and non-image files are ignored. Symlinks are followed wherever they
+    point (``train -> /mnt/big/train`` is a common layout, and reading through a link writes nothing).
+    The cache identity is the folder's absolute path with its image count, total bytes and newest
+    modification time, so adding, removing or editing an image invalidates the cache.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -358,7 +412,7 @@ class FolderSource(_TreeSource):
         self._identity = {
             "kind": "folder", "path": str(self.path), "files": len(rel), "bytes": total, "mtime_ns": newest,
         }
-        self._rel = rel
+        self._rel, self._unsafe = rel, {}
 
     def _list(self) -> list[str]:
         return self._rel
@@ -376,13 +430,16 @@ class FolderSource(_TreeSource):
 class ZipSource(_TreeSource):
     """An ImageFolder tree inside a zip, read in place (stored or deflated members).
 
-    ``__MACOSX/`` entries, hidden files and non-images are ignored.
+    ``__MACOSX/`` entries, hidden files and non-images are ignored. Members whose name leaves the
+    tree (see :func:`_leaves_folder`) are unsafe entries (:meth:`unsafe`), never read.
     """
+
+    unsafe_fix = "remove the entry from the zip"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).resolve()
         if not zipfile.is_zipfile(self.path):
-            raise ValueError(f"{self.path} is not a zip file; pass an ImageFolder zip")
+            raise UserError(f"{self.path} is not a zip file; pass an ImageFolder zip")
         self._zip: zipfile.ZipFile | None = None
 
     def _open(self) -> zipfile.ZipFile:
@@ -391,10 +448,13 @@ class ZipSource(_TreeSource):
         return self._zip
 
     def _list(self) -> list[str]:
-        return [
+        names = [
             n for n in self._open().namelist()
             if not n.endswith("/") and not n.startswith("__MACOSX/") and _is_image(n)
         ]
+        # "train/../../x.png" would otherwise be an image of class ".."; refuse such names at listing
+        self._unsafe = {n: why for n in names if (why := _leaves_folder(n))}
+        return [n for n in names if n not in self._unsafe]
 
     def read(self, name: str) -> bytes:
         return self._open().read(name)
@@ -486,7 +546,7 @@ class CifarSource(Source):
         self.path = Path(path).resolve()
         found = _cifar_layout(self.path)
         if found is None:
-            raise ValueError(
+            raise UserError(
                 f"{self.path} is not a CIFAR pickle folder or archive; expected cifar-10-batches-py/ "
                 f"(data_batch_1..5, test_batch) or cifar-100-python/ (train, test) or their .tar.gz"
             )
@@ -593,16 +653,16 @@ class ArraySource(Source):
         labels = np.asarray(labels, dtype=np.int64)
         channels_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[3] == 3)
         if images.dtype != np.uint8 or not channels_ok:
-            raise ValueError(
+            raise UserError(
                 f"images must be uint8 N×H×W×3 or N×H×W, got {images.dtype} {images.shape}; "
                 f"convert with images.astype(np.uint8) and channels last"
             )
         if len(labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
+            raise UserError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
         n_classes = int(labels.max()) + 1 if len(labels) else 0
         self.classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classes)):
-            raise ValueError(
+            raise UserError(
                 f"labels span [{labels.min()}, {labels.max()}] but there are {len(self.classes)} classes; "
                 f"pass classes= with one name per label"
             )
@@ -643,7 +703,7 @@ def open_source(path: str | os.PathLike) -> Source:
         return CifarSource(p)
     if p.is_dir():
         return FolderSource(p)
-    raise ValueError(
+    raise UserError(
         f"cannot read {p}: expected an ImageFolder zip or folder (<split>/<class>/<file>), "
         f"or CIFAR python pickles (cifar-10-batches-py/, cifar-100-python/ or their .tar.gz)"
     )
