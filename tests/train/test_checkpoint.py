@@ -1,5 +1,9 @@
+import errno
+
+import pytest
 import torch
 
+from selfsup.errors import UserError
 from selfsup.train import checkpoint
 
 
@@ -37,3 +41,32 @@ def test_keeps_newest_and_ignores_partial_writes(tmp_path):
     names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
     assert names == ["step-00000002", "step-00000003"]
     assert checkpoint.latest(tmp_path).name == "step-00000003"
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model, opt = _model_and_opt()
+    checkpoint.save(tmp_path, 1, model, opt)
+    before = {k: v.clone() for k, v in checkpoint.load_model_state(checkpoint.latest(tmp_path)).items()}
+    real = checkpoint._write_tensors
+
+    def disk_full_after_first_file(path, tensors):
+        real(path, tensors)      # model.safetensors lands in the temporary folder, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "_write_tensors", disk_full_after_first_file)
+    with pytest.raises(UserError, match=r"could not write checkpoint .*step-00000002 \(No space left on device\); "
+                                        r"the previous checkpoint .*step-00000001 is intact"):
+        checkpoint.save(tmp_path, 2, model, opt)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]  # no half-written copy
+    after = checkpoint.load_model_state(checkpoint.latest(tmp_path))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_corrupt_or_foreign_files_are_named(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(UserError, match=r"model.safetensors is not a readable safetensors file .*re-export it"):
+        checkpoint.read_safetensors(bad)
+    other = torch.nn.Linear(4, 2)
+    with pytest.raises(UserError, match=r"x.safetensors does not fit a Linear\(4, 3\): .*size mismatch"):
+        checkpoint.load_into(torch.nn.Linear(4, 3), other.state_dict(), tmp_path / "x.safetensors", "a Linear(4, 3)")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfsup.config import build
+from selfsup.errors import UserError
 from selfsup.train.loop import NonFiniteLoss, pretrain
 
 COMMAND = [sys.executable, "-m", "selfsup.cli", "pretrain", "simclr", "--data", "sample", "--backbone", "resnet18",
@@ -58,3 +59,47 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"at step \d+ .*Last good checkpoint: .*step-0000000\d"):
         pretrain(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_to_the_uninterrupted_weights(tmp_path):
+    """What SLURM sends before it kills or requeues a job: the run stops after its step with a checkpoint
+    (at whatever step that is, not only at checkpoint_every), exits 75, and --requeue asks SLURM to rerun it."""
+    bin_dir = tmp_path / "bin"   # a stand-in scontrol that records how it was called
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "SELFSUP_HOME": str(tmp_path / "home"), "SLURM_JOB_ID": "4242",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    _run(tmp_path / "straight", env)
+
+    stopped = tmp_path / "stopped"
+    command = [*COMMAND, "--out", str(stopped), "--requeue"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (stopped / "checkpoints" / "step-00000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr
+    assert "Resume with the same command" in stderr and "SIGTERM" in stdout + stderr
+    assert not (stopped / "backbone.safetensors").exists()
+    steps = sorted(int(p.name.split("-")[1]) for p in (stopped / "checkpoints").glob("step-*"))
+    assert 2 < steps[-1] < 8, steps          # checkpointed where it stopped, before the end
+    assert calls.read_text().split() == ["requeue", "4242"]
+
+    subprocess.run(command, check=True, env=env, capture_output=True)   # the requeued job: same command
+    a = load_file(str(tmp_path / "straight" / "backbone.safetensors"))
+    b = load_file(str(stopped / "backbone.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_requeue_outside_slurm_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = build({"method": {"name": "rotation"}, "train": {"steps": 2, "batch_size": 8, "requeue": True}})
+    with pytest.raises(UserError, match="SLURM_JOB_ID is not set"):
+        pretrain(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from selfsup.durable import check_writable
+from selfsup.errors import UnknownName, UserError
 from selfsup.paths import default_store
 
 KEY = ("model", "model_hash", "dataset", "split", "protocol", "tap", "config_hash", "metric")
@@ -52,11 +54,18 @@ COLUMNS = tuple(Result.__dataclass_fields__)
 class Store:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else default_store()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self.db.executescript(SCHEMA)
+        fix = "pass --store FILE (or set SELFSUP_STORE) to a SQLite file in a folder you can write to"
+        if self.path.is_dir():
+            raise UserError(f"results store {self.path} is a folder, not a file; {fix}")
+        check_writable(self.path.parent, "results store folder", fix)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:  # not a database, or a read-only one
+            raise UserError(f"results store {self.path} cannot be opened ({err}); {fix}") from err
 
     def put(self, results: list[Result]) -> None:
         rows = [(r.model, r.model_hash, r.dataset, r.split, r.protocol, r.tap, r.config_hash, r.metric,
@@ -69,7 +78,7 @@ class Store:
     def _where(filters: dict) -> str:
         unknown = set(filters) - set(COLUMNS)
         if unknown:
-            raise KeyError(f"unknown result field(s) {sorted(unknown)}; fields: {', '.join(COLUMNS)}")
+            raise UnknownName(f"unknown result field(s) {sorted(unknown)}; fields: {', '.join(COLUMNS)}")
         return " AND ".join(f"{k} = ?" for k in filters) or "1"
 
     def has(self, **key) -> bool:

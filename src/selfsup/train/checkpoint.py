@@ -8,7 +8,8 @@ A checkpoint is a directory ``step-00001000/`` in ``<run>/checkpoints/`` holding
 
 It is first written to a temporary directory beside it, every file fsynced, then renamed into place:
 a run killed at any instant (even by SIGKILL) leaves either the complete checkpoint or none, and
-resume always finds the last complete one. Nothing here unpickles: loading untrusted checkpoints is safe.
+resume always finds the last complete one. A write that fails (disk full) removes its temporary copy
+and leaves the previous checkpoint as it was. Nothing here unpickles: loading untrusted checkpoints is safe.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from selfsup.durable import fsync_dir, write_json
+from selfsup.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -60,18 +62,25 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     """Write checkpoint ``step`` atomically and keep only the ``keep`` newest ones. ``state`` replaces
     ``model.state_dict()`` (e.g. with sharded memory banks gathered whole)."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_tensors(tmp / "model.safetensors", model.state_dict() if state is None else state)
-    info = {"step": step, "meta": meta or {}}
-    if optimizer is not None:
-        tensors, info["optimizer"] = _flatten_optimizer(optimizer.state_dict())
-        _write_tensors(tmp / "optim.safetensors", tensors)
-    write_json(tmp / "meta.json", info)
-    fsync_dir(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_tensors(tmp / "model.safetensors", model.state_dict() if state is None else state)
+        info = {"step": step, "meta": meta or {}}
+        if optimizer is not None:
+            tensors, info["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+            _write_tensors(tmp / "optim.safetensors", tensors)
+        write_json(tmp / "meta.json", info)
+        fsync_dir(tmp)
+    except OSError as err:  # disk full, quota, I/O: the half-written copy goes, the previous checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest(run_dir)
+        raise UserError(f"could not write checkpoint {final} ({err.strerror or err}); "
+                        f"{'the previous checkpoint ' + str(kept) + ' is intact' if kept else 'no checkpoint yet'}. "
+                        f"Free space in {root.parent} and re-run the same command to resume") from err
     if final.exists():  # a re-save of the same step (e.g. the final one) replaces it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -79,6 +88,14 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def size_estimate(model: torch.nn.Module, optimizer_slots: int) -> int:
+    """Bytes of one checkpoint of ``model``: its state plus ``optimizer_slots`` tensors per parameter
+    (momentum: 1, Adam: 2), for the free-space check before a run starts."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return state + optimizer_slots * params
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -95,13 +112,39 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file; a corrupt, truncated or foreign file is a
+    :class:`~selfsup.errors.UserError` naming it, not a parser traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise UserError(f"{path} is not a readable safetensors file ({' '.join(str(err).split())}); re-export it "
+                        f"or convert the source checkpoint (selfsup convert)") from err
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """``module.load_state_dict(state)``, or a UserError naming ``path`` when its tensors belong to another
+    architecture (missing keys, unexpected keys, other shapes)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise UserError(f"{path} does not fit {what}: {detail[:300]}{' ...' if len(detail) > 300 else ''}; pass "
+                        f"the architecture it was trained with (check --backbone / --width)") from err
+
+
 def load_meta(ckpt_dir: Path) -> dict:
     with open(Path(ckpt_dir) / "meta.json") as f:
         return json.load(f)
 
 
 def load_model_state(ckpt_dir: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(Path(ckpt_dir) / "model.safetensors"), device=str(device))
+    return read_safetensors(Path(ckpt_dir) / "model.safetensors", device)[0]
 
 
 def restore(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -109,9 +152,9 @@ def restore(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     ckpt_dir = Path(ckpt_dir)
     info = load_meta(ckpt_dir)
     device = next(model.parameters()).device
-    model.load_state_dict(load_model_state(ckpt_dir, device))
+    load_into(model, load_model_state(ckpt_dir, device), ckpt_dir, f"this run's {type(model).__name__}")
     if optimizer is not None and "optimizer" in info:
-        tensors = load_file(str(ckpt_dir / "optim.safetensors"), device=str(device))
+        tensors = read_safetensors(ckpt_dir / "optim.safetensors", device)[0]
         state = _unflatten_optimizer(tensors, info["optimizer"])
         # JSON turned tuples (Adam's betas) into lists: give them back the optimizer's own types.
         for saved, current in zip(state["param_groups"], optimizer.state_dict()["param_groups"], strict=True):

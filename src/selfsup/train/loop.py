@@ -23,17 +23,21 @@ import torch
 from safetensors.torch import save_file
 
 from selfsup import backbones, methods
-from selfsup.config import RunConfig, save_config, to_dict
+from selfsup.config import RunConfig, check_data, save_config, to_dict, validate
 from selfsup.data import load
 from selfsup.data.loader import DeviceImages
 from selfsup.data.registry import per_class_subset
+from selfsup.durable import check_free_space, check_writable
+from selfsup.errors import Preempted, UserError
 from selfsup.nn.memory_bank import full_state_dict
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from selfsup.train.preempt import StopSignals, check_requeue, requeue
 from selfsup.train.progress import MetricsLog, Progress
 
 # Settings a resumed run may change without changing what it computes.
-RESUMABLE_CHANGES = {"train.progress", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints"}
+RESUMABLE_CHANGES = {"train.progress", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.requeue"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -75,11 +79,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_same_run(cfg: RunConfig, out: Path) -> None:
-    """A run directory belongs to one configuration; resuming it with another would mix two runs."""
+    """A run directory with checkpoints belongs to one configuration; resuming it with another would mix two
+    runs. (A directory whose run never reached a checkpoint holds nothing to mix: it starts anew.)"""
     import yaml
 
     saved_path = out / "config.yaml"
-    if not saved_path.exists():
+    if not saved_path.exists() or checkpoint.latest(out) is None:
         return
     with open(saved_path) as f:
         saved = _flat(yaml.safe_load(f))
@@ -87,8 +92,8 @@ def check_same_run(cfg: RunConfig, out: Path) -> None:
     diff = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if diff:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(diff))
-        raise ValueError(f"{out} holds a run with other settings ({details}). Resume it with the same "
-                         f"settings, or pass a new --out for a new run.")
+        raise UserError(f"{out} holds a run with other settings ({details}). Resume it with the same "
+                        f"settings, or pass a new --out for a new run.")
 
 
 def export_backbone(method, cfg: RunConfig, path: Path) -> None:
@@ -100,24 +105,39 @@ def export_backbone(method, cfg: RunConfig, path: Path) -> None:
     meta = {"backbone": json.dumps(to_dict(cfg.backbone)), "method": cfg.method["name"], "format": "selfsup-1",
             "mean": json.dumps(mean), "std": json.dumps(std), "standardize": json.dumps(standardize)}
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in method.backbone.state_dict().items()},
-              str(tmp), metadata=meta)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in method.backbone.state_dict().items()},
+                  str(tmp), metadata=meta)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({err.strerror or err}); the run's checkpoints are intact: free "
+                        f"space and re-run the same command to export it") from err
     tmp.replace(path)
+
+
+OUT_FIX = "pass --out a folder you can write to"
 
 
 def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     """Train ``cfg.method`` on ``cfg.data`` into run directory ``out`` (resuming what is there).
-    Returns the run directory on global rank 0 and None on the other ranks."""
+    Returns the run directory on global rank 0 and None on the other ranks.
+
+    Everything that can be refused is refused before ``out`` is written: the config (types, ranges), the
+    output folder (writable, enough free space for the checkpoints), the data (found, decodable, enough
+    images for the batch) and the method's views of it. Raises :class:`selfsup.errors.Preempted` after
+    checkpointing when SIGTERM or SIGUSR1 arrives (:mod:`selfsup.train.preempt`).
+    """
+    if not str(out).strip():   # Path("") is the working directory: never a run directory by accident
+        raise UserError("the run directory (--out) is an empty string; pass the folder the run should go to")
     out = Path(out)
+    cfg = validate(cfg)
+    t = cfg.train
+    if t.requeue:
+        check_requeue()
+    check_writable(out, "run directory", OUT_FIX)
     fabric = make_fabric(cfg)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
-    t = cfg.train
-    if fabric.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        check_same_run(cfg, out)
-        save_config(cfg, out / "config.yaml")
-    fabric.barrier()
 
     data = load(cfg.data.name, cfg.data.split, size=cfg.data.size, on_error=cfg.data.on_error)
     if cfg.data.per_class:  # CPU-sized studies: the same seeded images on every rank and every restart
@@ -128,12 +148,9 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     else:
         images = DeviceImages(data, fabric.device, resident_bytes=cfg.data.resident_bytes)
         n = len(data.labels)
-    if t.batch_size % world:
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {world} processes")
+    check_data(cfg, n, world)
     local_batch = t.batch_size // world
     steps_per_epoch = n // t.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size={t.batch_size} exceeds the {n} images of {cfg.data.name}")
     total = t.steps or math.ceil((t.epochs or 1) * steps_per_epoch)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank and every restart
@@ -142,14 +159,26 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     method = methods.build(cfg.method["name"], backbone, cfg.method, num_images=n)
     if getattr(method, "needs_labels", False):  # the supervised baseline: labels of the images `index` points into
         if len(data.classes) < 2:
-            raise ValueError(f"method {method.name!r} trains on labels, but {cfg.data.name!r} ({cfg.data.split} split) "
-                             f"has {len(data.classes)} class(es): point data.name at a labelled dataset "
-                             f"(<class>/<file> folders, two or more classes) or choose a self-supervised method")
+            raise UserError(f"method {method.name!r} trains on labels, but {cfg.data.name!r} ({cfg.data.split} split) "
+                            f"has {len(data.classes)} class(es): point data.name at a labelled dataset "
+                            f"(<class>/<file> folders, two or more classes) or choose a self-supervised method")
         method.set_labels(images.labels, num_classes=len(data.classes))
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     method = method.to(fabric.device, memory_format=memory_format)
+    with torch.no_grad():  # crop and patch sizes against these images: fail here, not at step 1 of a queued job
+        probe = torch.arange(min(2, n), device=fabric.device)
+        method.views(images.get(probe), probe, torch.Generator().manual_seed(0))
     base_lr = scaled_lr(cfg.optim, t.batch_size)
     optimizer = build_optimizer(method, cfg.optim, base_lr)
+    slots = 2 if cfg.optim.name == "adamw" else 1
+    need = (t.keep_checkpoints + 1) * checkpoint.size_estimate(method, slots)
+    check_free_space(out, need, "run directory", f"free space there or {OUT_FIX} on a larger disk")
+
+    if fabric.is_global_zero:  # validated and built: only now does the run directory hold anything
+        out.mkdir(parents=True, exist_ok=True)
+        check_same_run(cfg, out)
+        save_config(cfg, out / "config.yaml")
+    fabric.barrier()
     start = 0
     last = checkpoint.latest(out)
     if last is not None:
@@ -160,59 +189,78 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     model, optimizer = fabric.setup(method, optimizer)
     raw = model.module  # views() and after_step() are not forward passes: call them on the raw module
 
+    def save(done: int) -> Path | None:
+        # a collective: each rank holds a shard of a memory bank, the checkpoint holds it whole, so a run
+        # resumes on any number of processes
+        state = full_state_dict(raw)
+        path = None
+        if fabric.is_global_zero:
+            path = checkpoint.save(out, done, raw, optimizer, keep=t.keep_checkpoints, state=state,
+                                   meta={"epoch": done / steps_per_epoch, "total": total})
+        fabric.barrier()
+        return path
+
     log = MetricsLog(out / "metrics.csv", start) if fabric.is_global_zero else None
     progress = Progress(total, start, enabled=t.progress and fabric.is_global_zero)
     order, order_epoch, last_log = None, -1, time.perf_counter()
     images_since_log = 0
     model.train()
-    for step in range(start, total):
-        epoch, within = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(n, t.seed, epoch), epoch
-        index = order[within * t.batch_size:(within + 1) * t.batch_size][rank * local_batch:(rank + 1) * local_batch]
-        seed = step_seed(t.seed, step, rank)
-        torch.manual_seed(seed)                      # dropout and any other in-model randomness
-        g = torch.Generator().manual_seed(seed)      # augmentation parameters
-        lr = lr_at(step, total, base_lr, cfg.optim, steps_per_epoch)
-        set_lr(optimizer, lr)
+    with StopSignals() as stop:
+        for step in range(start, total):
+            epoch, within = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(n, t.seed, epoch), epoch
+            index = order[within * t.batch_size:(within + 1) * t.batch_size][rank * local_batch:
+                                                                             (rank + 1) * local_batch]
+            seed = step_seed(t.seed, step, rank)
+            torch.manual_seed(seed)                      # dropout and any other in-model randomness
+            g = torch.Generator().manual_seed(seed)      # augmentation parameters
+            lr = lr_at(step, total, base_lr, cfg.optim, steps_per_epoch)
+            set_lr(optimizer, lr)
 
-        with torch.no_grad():
-            views = raw.views(images.get(index.to(fabric.device)), index.to(fabric.device), g)
-            views = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in views.items()}
-        out_step = model(views)
-        loss = out_step["loss"]
-        bad = (~torch.isfinite(loss.detach())).float()
-        if world > 1:  # every rank must stop at the same step, or the others would hang in the next collective
-            bad = fabric.all_reduce(bad, reduce_op="sum")
-        if bad > 0:
-            kept = checkpoint.latest(out)
-            raise NonFiniteLoss(
-                f"loss became {loss.item()} (on this rank) at step {step} (lr {lr:.4g}); the run stopped before "
-                f"updating the weights. Last good checkpoint: {kept or 'none yet'}. Lower optim.lr or check the data.")
-        optimizer.zero_grad(set_to_none=True)
-        fabric.backward(loss)
-        optimizer.step()
-        raw.after_step(out_step, step)
-        images_since_log += t.batch_size
+            with torch.no_grad():
+                views = raw.views(images.get(index.to(fabric.device)), index.to(fabric.device), g)
+                views = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in views.items()}
+            out_step = model(views)
+            loss = out_step["loss"]
+            bad = (~torch.isfinite(loss.detach())).float()
+            if world > 1:  # every rank must stop at the same step, or the others would hang in the next collective
+                bad = fabric.all_reduce(bad, reduce_op="sum")
+            if bad > 0:
+                kept = checkpoint.latest(out)
+                raise NonFiniteLoss(
+                    f"loss became {loss.item()} (on this rank) at step {step} (lr {lr:.4g}); the run stopped before "
+                    f"updating the weights. Last good checkpoint: {kept or 'none yet'}. Lower optim.lr or check the "
+                    f"data.")
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+            raw.after_step(out_step, step)
+            images_since_log += t.batch_size
 
-        done = step + 1
-        if done % t.log_every == 0 or done == total:
-            scalars = {k: float(v.detach()) for k, v in out_step.items() if torch.is_tensor(v) and v.numel() == 1}
-            rate = progress.update(done, images_since_log, scalars)
-            images_since_log = 0
-            if log is not None:
-                now = time.perf_counter()
-                log.log({"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, **scalars,
-                         "images_per_s": rate, "seconds": round(now - last_log, 3)})
-                last_log = now
-        if done % t.checkpoint_every == 0 or done == total:
-            # a collective: each rank holds a shard of a memory bank, the checkpoint holds it whole, so a run
-            # resumes on any number of processes
-            state = full_state_dict(raw)
-            if fabric.is_global_zero:
-                checkpoint.save(out, done, raw, optimizer, keep=t.keep_checkpoints, state=state,
-                                meta={"epoch": done / steps_per_epoch, "total": total})
-            fabric.barrier()
+            done = step + 1
+            if done % t.log_every == 0 or done == total:
+                scalars = {k: float(v.detach()) for k, v in out_step.items() if torch.is_tensor(v) and v.numel() == 1}
+                rate = progress.update(done, images_since_log, scalars)
+                images_since_log = 0
+                if log is not None:
+                    now = time.perf_counter()
+                    log.log({"step": done, "epoch": round(done / steps_per_epoch, 4), "lr": lr, **scalars,
+                             "images_per_s": rate, "seconds": round(now - last_log, 3)})
+                    last_log = now
+            stopping = torch.tensor(float(stop.requested is not None))
+            if world > 1:  # the signal may reach one rank first: all stop after the same step
+                stopping = fabric.all_reduce(stopping.to(fabric.device), reduce_op="sum")
+            if done % t.checkpoint_every == 0 or done == total or stopping > 0:
+                path = save(done)
+            if stopping > 0 and done < total:
+                progress.close()
+                if log is not None:
+                    log.close()
+                how = f"; requeued with `{requeue()}`" if t.requeue and fabric.is_global_zero else ""
+                fabric.print(f"{stop.requested or 'a stop signal'} received: stopped after step {done} of {total}, "
+                             f"checkpoint {path or checkpoint.latest(out)}{how}")
+                raise Preempted(stop.requested or "a stop signal", done, str(checkpoint.latest(out)), str(out))
     progress.close()
     if log is not None:
         log.close()
