@@ -19,10 +19,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 import time
+import traceback
+
+from selfsup.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UserError
 
 EPILOG_OVERRIDES = """\
 key=value overrides set any field of the run config, e.g. optim.lr=0.5 method.temperature=0.2
@@ -30,12 +35,42 @@ train.checkpoint_every=100 backbone.width=0.5. Sections: method (the method's ow
 backbone, data, optim, train. `selfsup pretrain simclr --print-config` shows every field."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every other bad input (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low or (low == 0 and kind is float and value == 0):
+        what = {(int, 1): "a positive integer", (int, 0): "an integer >= 0", (float, 0): "a positive number"}
+        raise argparse.ArgumentTypeError(f"must be {what[kind, low]}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, 1, text)
+
+
+def count(text: str) -> int:
+    return _number(int, 0, text)
+
+
+def positive_float(text: str) -> float:
+    return _number(float, 0, text)
+
+
 def _add_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="results database (default $SELFSUP_STORE or ~/.selfsup/results.sqlite)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfsup", description="Self-supervised pretraining and transfer "
+    parser = _Parser(prog="selfsup", description="Self-supervised pretraining and transfer "
                                      "evaluation (Kolesnikov et al. 2019, PIRL, Ericsson et al. 2021).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -45,26 +80,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset name under $SELFSUP_DATA (see `selfsup list datasets`) or a path to an "
                    "ImageFolder directory, ImageFolder zip or CIFAR pickles; default: the bundled sample")
     p.add_argument("--split", help="split to pretrain on (default train)")
-    p.add_argument("--size", type=int, help="decode images to this square size (shorter side + centre crop)")
+    p.add_argument("--size", type=positive_int, help="decode images to this square size (shorter side + centre crop)")
     p.add_argument("--backbone", help="architecture (see `selfsup list backbones`), default resnet18")
-    p.add_argument("--width", type=float, help="width multiplier; 1.0 = the published network")
+    p.add_argument("--width", type=positive_float, help="width multiplier; 1.0 = the published network")
     p.add_argument("--cifar-stem", action="store_true", default=None,
                    help="3x3 stride-1 root conv without max-pool, for 32-64 px images")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=int, help="total optimisation steps")
-    group.add_argument("--epochs", type=float, help="epochs over the pretraining split")
-    p.add_argument("--batch-size", type=int, help="global batch size (split across devices), default 256")
-    p.add_argument("--lr", type=float, help="base learning rate (scaled by batch/256 unless optim.scale_lr=false)")
-    p.add_argument("--seed", type=int, help="seed of initial weights, data order and augmentation (default 0)")
+    group.add_argument("--steps", type=positive_int, help="total optimisation steps")
+    group.add_argument("--epochs", type=positive_float, help="epochs over the pretraining split")
+    p.add_argument("--batch-size", type=positive_int, help="global batch size (split across devices), default 256")
+    p.add_argument("--lr", type=positive_float,
+                   help="base learning rate (scaled by batch/256 unless optim.scale_lr=false)")
+    p.add_argument("--seed", type=count, help="seed of initial weights, data order and augmentation (default 0)")
     p.add_argument("--out", required=True, help="run directory: config, checkpoints, metrics.csv, backbone")
     p.add_argument("--config", help="YAML recipe (e.g. configs/small/simclr_sample.yaml); flags override it")
-    p.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (default 500)")
+    p.add_argument("--checkpoint-every", type=positive_int, help="save a checkpoint every N steps (default 500)")
     p.add_argument("--devices", help="number of devices (GPUs) per node, default 1")
-    p.add_argument("--num-nodes", type=int, help="number of nodes for multi-node DDP (torchrun/SLURM)")
+    p.add_argument("--num-nodes", type=positive_int, help="number of nodes for multi-node DDP (torchrun/SLURM)")
     p.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], help="default auto")
     p.add_argument("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU) or a Fabric precision")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
     p.add_argument("--no-progress", action="store_true", help="no progress line (metrics.csv is still written)")
+    p.add_argument("--requeue", action="store_true", default=None,
+                   help="under SLURM: on SIGTERM/SIGUSR1 checkpoint, then `scontrol requeue` the job, which resumes")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
 
@@ -82,14 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tap", action="append", help="feature to probe, repeatable, or 'all' for every tap of the "
                    "backbone (layer-wise, one encoding pass); feature maps are pooled to <= 9000 dims; "
                    "default pre_logits")
-    p.add_argument("--resolution", type=int, help="evaluation resolution (default: the images' own)")
+    p.add_argument("--resolution", type=positive_int, help="evaluation resolution (default: the images' own)")
     p.add_argument("--view", choices=["image", "tiles"], default="image",
                    help="image (default) or tiles: the mean over the nine eval tiles, for patch-trained models "
                    "(Kolesnikov et al. 2019's evaluation of Jigsaw and Relative Patch Location)")
     p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised copy of each model's "
                    "backbone (same architecture and input normalisation) instead: the floor it must beat")
-    p.add_argument("--train-per-class", type=int, help="probe on this many train images per class (seeded)")
-    p.add_argument("--max-dims", type=int, default=9000, help="pool each feature-map tap to at most this many "
+    p.add_argument("--train-per-class", type=positive_int, help="probe on this many train images per class (seeded)")
+    p.add_argument("--max-dims", type=positive_int, default=9000, help="pool each feature-map tap to at most this many "
                    "dims (default 9000, Kolesnikov et al.'s)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
@@ -102,14 +140,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directories of `selfsup pretrain`, or backbone .safetensors files")
     p.add_argument("--data", default="sample", help="dataset name or path; a seeded sample of its test split "
                    "(default: the bundled sample)")
-    p.add_argument("--images", type=int, default=8, help="test images for sensitivity and saliency (default 8)")
-    p.add_argument("--invert", type=int, default=1, help="of them, how many to invert (default 1)")
-    p.add_argument("--steps", type=int, default=300, help="inversion steps (default 300, sized for a CPU at "
+    p.add_argument("--images", type=positive_int, default=8,
+                   help="test images for sensitivity and saliency (default 8)")
+    p.add_argument("--invert", type=count, default=1, help="of them, how many to invert (default 1)")
+    p.add_argument("--steps", type=positive_int, default=300, help="inversion steps (default 300, sized for a CPU at "
                    "32-64 px; the paper's 3000 at 224 px)")
     p.add_argument("--only", action="append", choices=["sensitivity", "saliency", "inversion"],
                    help="run only this analysis, repeatable (default: all three)")
-    p.add_argument("--resolution", type=int, help="input resolution (default: the images' own)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the perturbations")
+    p.add_argument("--resolution", type=positive_int, help="input resolution (default: the images' own)")
+    p.add_argument("--seed", type=count, default=0, help="seed of the image sample and the perturbations")
     p.add_argument("--random-init", action="store_true", help="analyse a randomly initialised copy of each model")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute figures already in the store")
@@ -120,8 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="RUN_DIR", help="run directories of pirl or jigsaw pretraining")
     p.add_argument("--data", default="sample", help="dataset name or path; its held-out split is used")
     p.add_argument("--representation", help="pirl: heads (default) or trunk; jigsaw: trunk (default) or head")
-    p.add_argument("--seed", type=int, default=0, help="seed of the transformations drawn")
-    p.add_argument("--resolution", type=int, help="decode the images at this size (default: the run's data.size)")
+    p.add_argument("--seed", type=count, default=0, help="seed of the transformations drawn")
+    p.add_argument("--resolution", type=positive_int,
+                   help="decode the images at this size (default: the run's data.size)")
     p.add_argument("--bn", choices=("running", "batch"), default="running",
                    help="BN statistics: running (eval mode, default) or each pass's own batch, as in training")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -133,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="simclr", help="default simclr")
     p.add_argument("--data", default="sample", help="dataset name or path (default: the bundled sample)")
     p.add_argument("--config", help="YAML recipe (default: configs/small/bench.yaml shipped in the package)")
-    p.add_argument("--steps", type=int, help="pretraining steps (default from the recipe)")
+    p.add_argument("--steps", type=positive_int, help="pretraining steps (default from the recipe)")
     p.add_argument("--out", default="runs/bench", help="run directory (default runs/bench); re-running resumes")
     p.add_argument("--protocol", action="append", choices=["knn", "linear"], help="default: knn and linear")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -154,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
                        "SimCLR) to a selfsup backbone file that evaluate, analyse and the suites read")
     p.add_argument("checkpoint", help=".pth/.pth.tar/.pt (read with weights_only=True) or .safetensors")
     p.add_argument("--backbone", default="resnet50", help="our architecture with the same layout (default resnet50)")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the published network)")
+    p.add_argument("--width", type=positive_float, default=1.0, help="width multiplier (1.0 = the published network)")
     p.add_argument("--no-normalization", action="store_true", help="the model takes [0, 1] inputs without ImageNet "
                    "mean/std (SimCLR's checkpoints, as Ericsson et al. note)")
     p.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -184,7 +224,7 @@ def _pretrain_config(args):
         "train": {"steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
                   "checkpoint_every": args.checkpoint_every, "devices": args.devices, "num_nodes": args.num_nodes,
                   "accelerator": args.accelerator, "precision": args.precision, "compile": args.compile,
-                  "progress": False if args.no_progress else None},
+                  "progress": False if args.no_progress else None, "requeue": args.requeue},
     }
     flags = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in flags.items()}
     if args.steps is not None:
@@ -218,6 +258,10 @@ def cmd_pretrain(args) -> int:
 def _device(arg: str | None) -> str:
     import torch
 
+    if arg and arg.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {arg}: no CUDA device is available on this machine; pass --device cpu")
+    if arg and not arg.startswith(("cuda", "cpu", "mps")):
+        raise UserError(f"--device {arg!r} is not a torch device; pass cpu or cuda (cuda:N)")
     return arg or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -244,19 +288,23 @@ def _encoders(args):
 
 def cmd_evaluate(args) -> int:
     from selfsup.config import parse_overrides
+    from selfsup.data.registry import resolve
     from selfsup.evaluate.suite import evaluate_model
     from selfsup.results.store import Store
 
     settings = parse_overrides([m for m in args.models if "=" in m] + args.overrides)
     if args.suite:
         return _evaluate_suite(args, settings)
+    device = _device(args.device)
+    resolve(args.data or "sample")
+    encoders = list(_encoders(args))   # every model loads before the first figure is stored
     store = Store(args.store)
     rows = []
-    for encoder in _encoders(args):
+    for encoder in encoders:
         taps = args.tap or ["pre_logits"]
         taps = tuple(encoder.backbone.taps) if "all" in taps else tuple(taps)
         rows += evaluate_model(encoder, args.data or "sample", args.protocol or ["knn", "linear"], store, taps=taps,
-                               resolution=args.resolution, device=_device(args.device), force=args.force,
+                               resolution=args.resolution, device=device, force=args.force,
                                view=args.view, train_per_class=args.train_per_class, max_dims=args.max_dims,
                                overrides=settings)
     _print_table(rows)
@@ -273,12 +321,13 @@ def _evaluate_suite(args, settings: dict) -> int:
              if value] + (["--view"] if args.view != "image" else []) + (["--max-dims"] if args.max_dims != 9000
                                                                           else [])
     if clash:
-        raise ValueError(f"--suite takes its datasets, protocols, taps and resolutions from the suite file; drop "
-                         f"{', '.join(clash)} (or run without --suite)")
+        raise UserError(f"--suite takes its datasets, protocols, taps and resolutions from the suite file; drop "
+                        f"{', '.join(clash)} (or run without --suite)")
     suite = load_suite(args.suite)   # a bad suite fails before any model is loaded
+    device = _device(args.device)
+    encoders = list(_encoders(args))
     store = Store(args.store)
-    out = run_suite(list(_encoders(args)), suite, store, device=_device(args.device), force=args.force,
-                    overrides=settings)
+    out = run_suite(encoders, suite, store, device=device, force=args.force, overrides=settings)
     _print_table(out.rows)
     for line in out.skipped:
         print(f"skipped: {line}")
@@ -290,9 +339,11 @@ def cmd_analyse(args) -> int:
     from selfsup.evaluate.transfer_suite import ANALYSES, run_analyses
     from selfsup.results.store import Store
 
+    device = _device(args.device)
+    encoders = list(_encoders(args))
     store = Store(args.store)
-    rows = run_analyses(list(_encoders(args)), args.data, store, images=args.images, invert=args.invert,
-                        steps=args.steps, resolution=args.resolution, seed=args.seed, device=_device(args.device),
+    rows = run_analyses(encoders, args.data, store, images=args.images, invert=args.invert,
+                        steps=args.steps, resolution=args.resolution, seed=args.seed, device=device,
                         force=args.force, analyses=args.only or ANALYSES)
     _print_table(rows)
     print(f"stored in {store.path}")
@@ -325,14 +376,14 @@ def cmd_bench(args) -> int:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(recipe, overrides, base={"optim": methods.get(args.method).optim_defaults})
+    store = Store(args.store)           # an unusable store or device is refused before training, not after
+    protocols = args.protocol or ["knn", "linear"]
+    device = _device(args.device)
     start = time.perf_counter()
     out = pretrain(cfg, args.out)
     if out is None:  # DDP: evaluation runs once, on global rank 0
         return 0
     trained = time.perf_counter() - start
-    store = Store(args.store)
-    protocols = args.protocol or ["knn", "linear"]
-    device = _device(args.device)
     rows = []
     for encoder in (load_encoder(out), random_encoder(cfg.backbone, seed=cfg.train.seed)):
         rows += evaluate_model(encoder, args.data, protocols, store, device=device)
@@ -416,21 +467,44 @@ COMMANDS = {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "analyse": cmd_a
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    # key=value overrides may come anywhere on the line, also after options: argparse leaves them unknown.
-    args, extra = parser.parse_known_args(argv)
-    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:
+        # key=value overrides may come anywhere on the line, also after options: argparse leaves them unknown.
+        args, extra = parser.parse_known_args(argv)
+        bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    except SystemExit as stop:  # --help, or a bad flag: argparse exits; the caller gets the code
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
-        if "SELFSUP_DEBUG" in os.environ:
-            raise
-        print(f"selfsup {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Preempted as stop:
+        print(f"selfsup {args.command}: {stop}. Resume with the same command (exit code {EXIT_PREEMPTED}).",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
+    except Exception as err:
+        message = user_message(err)
+        if message is None or "SELFSUP_DEBUG" in os.environ:
+            traceback.print_exc()
+            if message is None:
+                print(f"selfsup {args.command}: internal error ({type(err).__name__}): this is a bug in selfsup, "
+                      f"not in your input; please report it with the command line and the traceback above",
+                      file=sys.stderr)
+                return 1
+        print(f"selfsup {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message of an error caused by the input (a value, a file, the disk), else None (a bug)."""
+    if isinstance(err, UserError):
+        return " ".join(str(err).split())
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) or (
+            isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)):
+        what = f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)
+        return " ".join(what.split())
+    return None
 
 if __name__ == "__main__":
     sys.exit(main())

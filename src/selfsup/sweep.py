@@ -48,6 +48,7 @@ from pathlib import Path
 from selfsup import backbones, methods
 from selfsup.config import build, config_hash, parse_overrides, read_yaml, to_dict
 from selfsup.data.registry import resolve
+from selfsup.errors import UnknownName
 from selfsup.evaluate.features import MAX_DIMS, load_encoder, random_copy
 from selfsup.evaluate.suite import evaluate_model
 from selfsup.evaluate.transfer_suite import load_suite, run_suite
@@ -94,8 +95,8 @@ def cells(spec: dict) -> list[Cell]:
     dotted = [k for k in grids if "." in k]
     unknown = set(grids) - set(GRID_KEYS) - {"evaluate"} - set(dotted)
     if unknown:
-        raise KeyError(f"unknown grid key(s) {sorted(unknown)}; a grid has {', '.join(GRID_KEYS)} and dotted "
-                       "config fields (e.g. method.lam)")
+        raise UnknownName(f"unknown grid key(s) {sorted(unknown)}; a grid has {', '.join(GRID_KEYS)} and dotted "
+                          "config fields (e.g. method.lam)")
     grid, base = grids, spec.get("base", {})
     values = [grid.get("method") or [base.get("method", {}).get("name", "simclr")],
               grid.get("backbone") or [base.get("backbone", {}).get("name", "resnet18")],
@@ -129,12 +130,12 @@ def run_sweep(path: str | Path, store: Store, device: str = "cpu", log=print) ->
     defaults = {"data": None, "protocols": ["linear"], "taps": ["pre_logits"], "train_per_class": None,
                 "overrides": {}, "max_dims": MAX_DIMS, "resolution": None, **spec.get("evaluate", {})}
     grid = cells(spec)
+    configs = [cell_config(spec, cell) for cell in grid]   # a bad cell is refused before the first one trains
     rows = []
-    for i, cell in enumerate(grid, 1):
+    for i, (cell, cfg) in enumerate(zip(grid, configs, strict=True), 1):
         ev = {**defaults, **(cell.evaluate or {})}
         # protocols: a list (each on ``taps``) or a mapping protocol -> taps
         plan = ev["protocols"] if isinstance(ev["protocols"], dict) else {p: ev["taps"] for p in ev["protocols"]}
-        cfg = cell_config(spec, cell)
         cell.settings = config_hash(to_dict(cfg))[:6]
         data = ev["data"] or cfg.data.name
         net = backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,

@@ -90,6 +90,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.backbones.base import PRE_LOGITS
+from selfsup.errors import UserError
 from selfsup.evaluate.features import Encoder
 from selfsup.views.augment import hflip, normalize, random_resized_crop, rotate90, to_float
 from selfsup.views.color import color_jitter, random_grayscale
@@ -115,9 +116,9 @@ def _as_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"{what} must be uint8 N×H×W×3 (or one H×W×3 image), got {arr.dtype} {arr.shape}")
+        raise UserError(f"{what} must be uint8 N×H×W×3 (or one H×W×3 image), got {arr.dtype} {arr.shape}")
     if len(arr) == 0:
-        raise ValueError(f"{what} is empty")
+        raise UserError(f"{what} is empty")
     return arr
 
 
@@ -211,11 +212,11 @@ def sensitivity(encoder: Encoder, images: np.ndarray, seed: int = 0, tap: str = 
     """
     arr = _as_images(images)
     if len(arr) < 2:
-        raise ValueError("sensitivity needs at least 2 images (the baseline pairs different images)")
+        raise UserError("sensitivity needs at least 2 images (the baseline pairs different images)")
     unknown = [n for n in colour if n not in COLOUR] + [n for n in spatial if n not in SPATIAL]
     if unknown or not colour or not spatial:
-        raise ValueError(f"unknown or missing perturbations {unknown}; colour ⊆ {list(COLOUR)}, "
-                         f"spatial ⊆ {list(SPATIAL)}, one of each at least")
+        raise UserError(f"unknown or missing perturbations {unknown}; colour ⊆ {list(COLOUR)}, "
+                        f"spatial ⊆ {list(SPATIAL)}, one of each at least")
     net = encoder.backbone.to(device)
     x = _to_input(arr, resolution, device)
     ops = {**{n: COLOUR[n] for n in colour}, **{n: SPATIAL[n] for n in spatial}}
@@ -308,10 +309,10 @@ def saliency(encoder: Encoder, images: np.ndarray, mask: int | None = None, stri
     x = _to_input(arr, resolution, device)
     side = x.shape[-1]
     if x.shape[-2] != side:
-        raise ValueError(f"saliency needs square images, got {tuple(x.shape[-2:])}; pass resolution=")
+        raise UserError(f"saliency needs square images, got {tuple(x.shape[-2:])}; pass resolution=")
     mask = mask_size(side) if mask is None else int(mask)
     if not 1 <= mask <= side or stride < 1:
-        raise ValueError(f"need 1 ≤ mask ≤ {side} and stride ≥ 1, got mask={mask}, stride={stride}")
+        raise UserError(f"need 1 ≤ mask ≤ {side} and stride ≥ 1, got mask={mask}, stride={stride}")
     fill = torch.tensor(encoder.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     maps, per_image = [], []
     with _frozen(net), torch.no_grad():
@@ -372,7 +373,7 @@ def channel_mse(inverted: Tensor | np.ndarray, original: Tensor | np.ndarray) ->
     a = np.asarray(inverted, dtype=np.float64)
     b = np.asarray(original, dtype=np.float64)
     if a.shape != b.shape or a.shape[-1] != 3:
-        raise ValueError(f"need two channel-last images of one shape, got {a.shape} and {b.shape}")
+        raise UserError(f"need two channel-last images of one shape, got {a.shape} and {b.shape}")
     return [float(v) for v in ((a - b) ** 2).reshape(-1, 3).mean(0)]
 
 
@@ -403,9 +404,9 @@ def inversion(encoder: Encoder, image: np.ndarray, steps: int = 300, lr: float =
     """
     arr = _as_images(image, "image")
     if len(arr) != 1:
-        raise ValueError(f"inversion inverts one image at a time, got {len(arr)}")
+        raise UserError(f"inversion inverts one image at a time, got {len(arr)}")
     if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
+        raise UserError(f"steps must be ≥ 1, got {steps}")
     net = encoder.backbone.to(device)
     x = _to_input(arr, resolution, device)
     h, w = x.shape[-2:]

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from selfsup.errors import UserError
+
 from .base import Backbone
 from .resnet import ResNet
 from .revnet import RevNet
@@ -113,7 +115,7 @@ def build(
     """
     key = name.lower()
     if key not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(_REGISTRY)}")
+        raise UserError(f"unknown backbone {name!r}; available: {', '.join(_REGISTRY)}")
     factory, _ = _REGISTRY[key]
     net = factory(width=width, cifar_stem=cifar_stem, **kw)
     if representation_dim is not None:

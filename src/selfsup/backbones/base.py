@@ -38,6 +38,8 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from selfsup.errors import UserError
+
 PRE_LOGITS = "pre_logits"
 POOLED = "pooled"
 REPRESENTATION = "representation"
@@ -46,7 +48,7 @@ REPRESENTATION = "representation"
 def scaled(base: int, width: float) -> int:
     """Channels of a layer whose standard (width 1) size is ``base``: ``round(base * width)``, ≥ 1."""
     if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
+        raise UserError(f"width must be > 0, got {width}")
     return max(1, int(round(base * width)))
 
 
@@ -93,9 +95,9 @@ class Backbone(nn.Module, abc.ABC):
         become ``dim``. The layer is created on the device and dtype of the backbone's parameters.
         """
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"representation_dim must be a positive int, got {dim!r}")
+            raise UserError(f"representation_dim must be a positive int, got {dim!r}")
         if self.representation_layer is not None or POOLED in self.taps:
-            raise ValueError(f"{type(self).__name__} already has a representation layer")
+            raise UserError(f"{type(self).__name__} already has a representation layer")
         pooled = self.taps[PRE_LOGITS]
         ref = next(self.parameters(), None)
         factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
@@ -127,10 +129,10 @@ class Backbone(nn.Module, abc.ABC):
         """Normalise a tap request to a list; unknown names raise ``ValueError`` listing valid ones."""
         names = [taps] if isinstance(taps, str) else list(taps)
         if not names:
-            raise ValueError(f"request at least one tap; valid taps: {list(self.taps)}")
+            raise UserError(f"request at least one tap; valid taps: {list(self.taps)}")
         unknown = [t for t in names if t not in self.taps]
         if unknown:
-            raise ValueError(f"unknown tap(s) {unknown} for {type(self).__name__}; valid taps: {list(self.taps)}")
+            raise UserError(f"unknown tap(s) {unknown} for {type(self).__name__}; valid taps: {list(self.taps)}")
         return names
 
     def forward(self, x: Tensor, taps: str | Iterable[str] = (PRE_LOGITS,)) -> dict[str, Tensor]:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from selfsup.errors import UserError
+
 from .base import PRE_LOGITS, Backbone, scaled
 
 STAGES = ("block1", "block2", "block3", "block4")
@@ -201,12 +203,12 @@ class ResNet(Backbone):
     ) -> None:
         super().__init__()
         if depth not in DEPTHS:
-            raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
+            raise UserError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
         if version not in (1, 2):
-            raise ValueError(f"ResNet version must be 1 or 2, got {version}")
+            raise UserError(f"ResNet version must be 1 or 2, got {version}")
         if version == 1 and not final_relu:
             # As in the paper's code: v1 ends each unit with a ReLU, there is nothing to drop.
-            raise ValueError("final_relu=False (the '(-)' variant) exists only for v2 and RevNet")
+            raise UserError("final_relu=False (the '(-)' variant) exists only for v2 and RevNet")
         units, bottleneck = DEPTHS[depth]
         self.depth, self.version, self.width, self.final_relu = depth, version, width, final_relu
         preact = version == 2

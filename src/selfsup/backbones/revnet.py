@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.errors import UserError
+
 from .base import PRE_LOGITS, Backbone, scaled
 from .resnet import PreActBottleneck, init_weights
 
@@ -87,7 +89,7 @@ class ReversibleUnit(nn.Module):
     def __init__(self, channels: int, mid: int) -> None:
         super().__init__()
         if channels % 2:
-            raise ValueError(f"a reversible unit needs an even channel count, got {channels}")
+            raise UserError(f"a reversible unit needs an even channel count, got {channels}")
         half = channels // 2
         self.fn = PreActBottleneck(half, mid, half, shortcut=False)
 
@@ -211,7 +213,7 @@ class RevNet(Backbone):
     ) -> None:
         super().__init__()
         if depth not in DEPTHS:
-            raise ValueError(f"RevNet depth must be one of {sorted(DEPTHS)}, got {depth}")
+            raise UserError(f"RevNet depth must be one of {sorted(DEPTHS)}, got {depth}")
         self.depth, self.width, self.final_relu = depth, width, final_relu
         root = 2 * scaled(128, width)
         # The root conv is a (learned) projection to the stage-1 channel count; no BN/ReLU, as in the code.

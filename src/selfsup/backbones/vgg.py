@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from selfsup.errors import UserError
+
 from .base import PRE_LOGITS, Backbone, scaled
 
 #: convs per block (Simonyan & Zisserman 2015, Table 1, configurations A, D, E)
@@ -74,9 +76,9 @@ class VGG(Backbone):
     ) -> None:
         super().__init__()
         if depth not in DEPTHS:
-            raise ValueError(f"VGG depth must be one of {sorted(DEPTHS)}, got {depth}")
+            raise UserError(f"VGG depth must be one of {sorted(DEPTHS)}, got {depth}")
         if not final_relu:
-            raise ValueError("final_relu=False (the '(-)' variant) exists only for ResNet v2 and RevNet")
+            raise UserError("final_relu=False (the '(-)' variant) exists only for ResNet v2 and RevNet")
         del first_conv_stride1, last_stage_stride1  # see module docstring: VGG has no strided conv
         self.depth, self.width = depth, width
 

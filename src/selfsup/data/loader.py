@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from selfsup.errors import UserError
+
 from .cache import ImageSet
 
 #: Arrays at most this big are kept whole on the device.
@@ -52,11 +54,11 @@ class DeviceImages:
             labels = images.labels if labels is None else labels
             images = images.images
         if labels is None:
-            raise ValueError("labels are required with a plain array; pass labels= (N ints) or an ImageSet")
+            raise UserError("labels are required with a plain array; pass labels= (N ints) or an ImageSet")
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-            raise ValueError(f"images must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
+            raise UserError(f"images must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
         if len(labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise UserError(f"{len(images)} images but {len(labels)} labels")
         self.device = torch.device(device)
         self.resident = images.nbytes <= resident_bytes
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory

@@ -26,6 +26,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from selfsup.errors import UserError
+
 from .sources import ZipSource
 
 MAX_BYTES = 6_000_000
@@ -66,7 +68,7 @@ def make_sample(
     with ZipSource(src) as source:
         missing = {"train", "test"} - set(source.splits())
         if missing:
-            raise ValueError(f"{src} lacks split(s) {sorted(missing)}; pass the CIFAR-10 ImageFolder zip")
+            raise UserError(f"{src} lacks split(s) {sorted(missing)}; pass the CIFAR-10 ImageFolder zip")
         orders = _seeded_orders(source, seed)
 
         def counts_for(t: int) -> dict[str, int]:  # t test images per class, train in the asked ratio
@@ -85,7 +87,7 @@ def make_sample(
                 else:
                     hi = mid - 1
             if lo == 0:
-                raise ValueError(f"even one image per class exceeds max_bytes={max_bytes:,}")
+                raise UserError(f"even one image per class exceeds max_bytes={max_bytes:,}")
             best = lo
             counts = counts_for(best)
             print(f"{train}/{test} images per class would exceed {max_bytes:,} bytes; reduced evenly to "

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from selfsup.errors import UnknownName, UserError
 from selfsup.paths import data_root
 
 from .sources import open_source
@@ -118,6 +119,9 @@ def resolve(name_or_path: str | os.PathLike) -> DatasetSpec:
     to mean the folder.
     """
     value = os.fspath(name_or_path)
+    if not value.strip():
+        raise UserError("the dataset is an empty string; pass a registered name (see `selfsup list datasets`) or "
+                        "a path to a zip, an ImageFolder folder or CIFAR pickles")
     if value in _NAMED and not isinstance(name_or_path, Path):
         return _resolve_named(_NAMED[value])
     path = Path(value).expanduser()
@@ -128,7 +132,7 @@ def resolve(name_or_path: str | os.PathLike) -> DatasetSpec:
             f"dataset path {path.resolve()} does not exist; pass an existing zip, ImageFolder folder or "
             f"CIFAR pickles, or one of the names {sorted(_NAMED)}"
         )
-    raise KeyError(
+    raise UnknownName(
         f"unknown dataset {value!r}: not a registered name ({', '.join(sorted(_NAMED))}) and no file or "
         f"folder of that name in {Path.cwd()}; pass a registered name or a path"
     )
@@ -201,7 +205,7 @@ def train_val_split(
     arrays ``(train_idx, val_idx)``; the same (labels, seed, fraction) always gives the same split.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+        raise UserError(f"fraction must lie in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     if isinstance(n_or_labels, (int, np.integer)):
         n = int(n_or_labels)
@@ -226,7 +230,7 @@ def per_class_subset(labels: np.ndarray | list[int], per_class: int, seed: int =
     """Sorted indices of a seeded random ``per_class`` images of every class (all of a class that has
     fewer). For probing on a fixed number of labelled images per class: CPU-sized studies, few-shot."""
     if per_class < 1:
-        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+        raise UserError(f"per_class must be a positive int, got {per_class!r}")
     labels = np.asarray(labels).reshape(-1)
     rng = np.random.default_rng(seed)
     picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 __all__ = [
     "calibration",
     "calibration_cv",
@@ -68,19 +70,19 @@ def _probs_labels(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     probs = torch.as_tensor(probs)
     labels = torch.as_tensor(labels).reshape(-1).to(probs.device).long()
     if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected probabilities (N, K) and N labels; got {tuple(probs.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise UserError(f"expected probabilities (N, K) and N labels; got {tuple(probs.shape)} and "
+                        f"{tuple(labels.shape)}")
     if probs.shape[0] == 0:
-        raise ValueError("cannot measure calibration on an empty set")
+        raise UserError("cannot measure calibration on an empty set")
     if int(labels.min()) < 0 or int(labels.max()) >= probs.shape[1]:
-        raise ValueError(f"labels must lie in [0, {probs.shape[1]})")
+        raise UserError(f"labels must lie in [0, {probs.shape[1]})")
     return probs, labels
 
 
 def _bins(probs: Tensor, labels: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per bin: sample count, sum of confidences, number correct (float64, on the CPU)."""
     if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+        raise UserError(f"bins must be >= 1, got {bins}")
     probs, labels = _probs_labels(probs, labels)
     conf, pred = probs.max(dim=1)
     conf = conf.double().cpu()
@@ -119,7 +121,7 @@ def reliability(probs: Tensor, labels: Tensor, bins: int = 15) -> dict:
 def _logits_labels(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     logits = torch.as_tensor(logits)
     if logits.ndim != 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a float (N, K) tensor, got {logits.dtype} {tuple(logits.shape)}")
+        raise UserError(f"logits must be a float (N, K) tensor, got {logits.dtype} {tuple(logits.shape)}")
     _probs_labels(logits, labels)  # the same shape and label checks
     return logits.double(), torch.as_tensor(labels).reshape(-1).to(logits.device).long()
 
@@ -143,7 +145,7 @@ def _fit(val_logits: Tensor, val_labels: Tensor, bounds: tuple[float, float]) ->
     z, y = _logits_labels(val_logits, val_labels)
     t_min, t_max = bounds
     if not 0 < t_min < t_max:
-        raise ValueError(f"temperature bounds must satisfy 0 < min < max, got {bounds}")
+        raise UserError(f"temperature bounds must satisfy 0 < min < max, got {bounds}")
     lo, hi = 1.0 / t_max, 1.0 / t_min  # bracket on β = 1/T; the derivative increases with β
     g_lo, _ = _nll_derivatives(z, y, lo)
     if g_lo >= 0:
@@ -220,7 +222,7 @@ def calibration_cv(logits: Tensor, labels: Tensor, folds: int = 5, bins: int = 1
     n = len(y)
     size = n // folds
     if folds < 2 or size < 1:
-        raise ValueError(f"{n} samples cannot be split into {folds} folds (need folds >= 2 and n >= folds)")
+        raise UserError(f"{n} samples cannot be split into {folds} folds (need folds >= 2 and n >= folds)")
     perm = torch.from_numpy(np.random.RandomState(seed).permutation(n))
     chunks = list(perm.split(size))[:folds]
     raw_ece, _, raw_rel = _scores(z, y, 1.0, bins)

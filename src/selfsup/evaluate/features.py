@@ -37,7 +37,9 @@ from selfsup import backbones
 from selfsup.backbones.base import Backbone
 from selfsup.config import BackboneConfig, config_hash
 from selfsup.data import ImageSet
+from selfsup.errors import UserError
 from selfsup.paths import cache_dir
+from selfsup.train.checkpoint import load_into, read_safetensors
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
 from selfsup.views.patches import eval_patches, standardize_patches
 
@@ -85,7 +87,7 @@ def random_copy(encoder: Encoder, seed: int = 0) -> Encoder:
     """A randomly initialised copy of ``encoder``'s backbone, fed the same input normalisation: the
     baseline a pretrained model must beat, probed exactly as the model itself."""
     if encoder.architecture is None:
-        raise ValueError(f"{encoder.label}: its architecture is unknown, so it has no random-init copy")
+        raise UserError(f"{encoder.label}: its architecture is unknown, so it has no random-init copy")
     copy = random_encoder(BackboneConfig(**encoder.architecture), seed, label=f"random-init {encoder.label}")
     return Encoder(copy.backbone, copy.label, copy.weights_hash, encoder.mean, encoder.std, encoder.standardize,
                    encoder.architecture)
@@ -102,14 +104,13 @@ def load_encoder(path: str | Path, label: str | None = None) -> Encoder:
     if path.suffix != ".safetensors" or not path.exists():
         raise FileNotFoundError(f"{path} is neither a run directory nor a .safetensors backbone; pass the --out "
                                 f"directory of `selfsup pretrain` or its backbone.safetensors")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    state, meta = read_safetensors(path)
     if "backbone" not in meta:
-        raise ValueError(f"{path} has no 'backbone' metadata: it was not written by selfsup. Convert it first "
-                         f"(a state_dict of a selfsup backbone plus metadata {{'backbone': json}}).")
+        raise UserError(f"{path} has no 'backbone' metadata: it was not written by selfsup. Convert it first "
+                        f"(a state_dict of a selfsup backbone plus metadata {{'backbone': json}}).")
     architecture = json.loads(meta["backbone"])
     net = _build(architecture)
-    net.load_state_dict(load_file(str(path)))
+    load_into(net, state, path, f"its recorded architecture {architecture}")
     mean = tuple(json.loads(meta.get("mean", json.dumps(IMAGENET_MEAN))))
     std = tuple(json.loads(meta.get("std", json.dumps(IMAGENET_STD))))
     standardize = json.loads(meta.get("standardize", "false"))
@@ -132,7 +133,8 @@ def _from_checkpoint(path: Path, label: str | None) -> Encoder:
         cfg = yaml.safe_load(f)
     net = _build(cfg["backbone"])
     state = checkpoint.load_model_state(ckpt)
-    net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    load_into(net, {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}, ckpt,
+              f"the backbone of {run / 'config.yaml'} ({cfg['backbone']})")
     mean, std, standardize = methods.input_normalization(cfg["method"])
     return Encoder(net, label or f"{run.name}@{ckpt.name}", weights_hash(ckpt / "model.safetensors"), mean, std,
                    standardize, cfg["backbone"])
@@ -165,7 +167,7 @@ def encode(encoder: Encoder, images: np.ndarray, taps: tuple[str, ...] = ("pre_l
     (bicubic) to ``resolution``, normalise, forward, pool feature maps (``pool_to_dims``). float32 on the CPU.
     ``view="tiles"``: the mean over the nine eval tiles of a patch model trained at this image size."""
     if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        raise UserError(f"view must be one of {VIEWS}, got {view!r}")
     net = encoder.backbone.to(device).eval()
     out: dict[str, list[torch.Tensor]] = {t: [] for t in taps}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()

@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 __all__ = [
     "Episodes",
     "FewShotConfig",
@@ -102,10 +104,10 @@ class Episodes:
 def _labels(labels: Tensor) -> Tensor:
     labels = torch.as_tensor(labels).reshape(-1)
     if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
+        raise UserError(f"labels must be integers, got {labels.dtype}")
     labels = labels.long().cpu()
     if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"labels must be non-negative, got {int(labels.min())}")
+        raise UserError(f"labels must be non-negative, got {int(labels.min())}")
     return labels
 
 
@@ -124,8 +126,8 @@ def sample_episodes(
     support, the rest the queries. ``seed`` is an int or a CPU ``torch.Generator`` (advanced in place).
     """
     if ways < 1 or shots < 1 or queries < 1 or episodes < 1:
-        raise ValueError(f"ways, shots, queries and episodes must be >= 1; got {ways}, {shots}, {queries}, "
-                         f"{episodes}")
+        raise UserError(f"ways, shots, queries and episodes must be >= 1; got {ways}, {shots}, {queries}, "
+                        f"{episodes}")
     labels = _labels(labels)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     need = shots + queries
@@ -135,7 +137,7 @@ def sample_episodes(
     skipped = classes[~ok].tolist()
     if len(eligible) < ways:
         sizes = f"class sizes range {int(counts.min())}..{int(counts.max())}" if len(counts) else "no labels"
-        raise ValueError(
+        raise UserError(
             f"{ways}-way {shots}-shot episodes need {ways} classes with at least shots + queries = {need} "
             f"images each, but only {len(eligible)} of {len(classes)} classes have that many ({sizes}). "
             f"Pool more splits, or lower ways, shots or queries."
@@ -166,9 +168,9 @@ def sample_episodes(
 def _features(features: Tensor) -> Tensor:
     features = torch.as_tensor(features)
     if features.ndim != 2:
-        raise ValueError(f"features must be 2-d (N, D), got shape {tuple(features.shape)}")
+        raise UserError(f"features must be 2-d (N, D), got shape {tuple(features.shape)}")
     if not features.is_floating_point():
-        raise ValueError(f"features must be floating point, got {features.dtype}")
+        raise UserError(f"features must be floating point, got {features.dtype}")
     return features.float().contiguous()
 
 
@@ -182,8 +184,8 @@ def episode_accuracies(features: Tensor, episodes: Episodes, block: int | None =
     queries = episodes.query.shape[2]
     d = x.shape[1]
     if int(episodes.support.max()) >= len(x) or int(episodes.query.max()) >= len(x):
-        raise ValueError(f"episode indices exceed the {len(x)} feature rows: episodes and features must come "
-                         f"from the same pooled data")
+        raise UserError(f"episode indices exceed the {len(x)} feature rows: episodes and features must come "
+                        f"from the same pooled data")
     support = episodes.support.to(x.device).reshape(e * ways, shots)
     query = episodes.query.to(x.device).reshape(e, ways * queries)
     protos = F.embedding_bag(support, x, mode="mean").view(e, ways, d)
@@ -212,8 +214,8 @@ def prototype_logits(support: Tensor, support_labels: Tensor, query: Tensor) -> 
     support, query = _features(support), _features(query).to(torch.as_tensor(support).device)
     labels = torch.as_tensor(support_labels).reshape(-1).to(support.device).long()
     if support.shape[0] != labels.shape[0] or support.shape[1] != query.shape[1]:
-        raise ValueError(f"support {tuple(support.shape)}, labels {tuple(labels.shape)} and query "
-                         f"{tuple(query.shape)} do not fit together")
+        raise UserError(f"support {tuple(support.shape)}, labels {tuple(labels.shape)} and query "
+                        f"{tuple(query.shape)} do not fit together")
     classes, inverse = torch.unique(labels, sorted=True, return_inverse=True)
     sums = torch.zeros(len(classes), support.shape[1], device=support.device).index_add_(0, inverse, support)
     protos = sums / torch.bincount(inverse, minlength=len(classes)).unsqueeze(1)
@@ -234,7 +236,7 @@ def summarize(accuracies: Tensor) -> dict:
     acc = torch.as_tensor(accuracies, dtype=torch.float64).reshape(-1)
     n = acc.numel()
     if n == 0:
-        raise ValueError("no episodes to summarise")
+        raise UserError("no episodes to summarise")
     std = acc.std(correction=0).item()
     return {"value": acc.mean().item(), "ci": 1.96 * std / math.sqrt(n), "std": std, "episodes": n}
 
@@ -251,7 +253,7 @@ def fewshot(features: Tensor, labels: Tensor, cfg: FewShotConfig | None = None) 
     x = _features(features)
     y = _labels(labels)
     if len(y) != len(x):
-        raise ValueError(f"{len(x)} feature rows but {len(y)} labels")
+        raise UserError(f"{len(x)} feature rows but {len(y)} labels")
     out: dict[int, dict] = {}
     for shots in cfg.shots:
         t0 = time.perf_counter()

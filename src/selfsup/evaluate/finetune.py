@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from selfsup.backbones.base import Backbone
 from selfsup.data.registry import per_class_subset
+from selfsup.errors import UserError
 from selfsup.evaluate.features import Encoder
 from selfsup.evaluate.metrics import score
 from selfsup.evaluate.sgd_probe import epoch_line, probe_view
@@ -81,7 +82,7 @@ def label_subset(labels, fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted indices of a class-balanced, seeded subset holding ``fraction`` of the labelled images: the same
     max(1, round(fraction · N / C)) images from each of the C classes (all of a smaller class)."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise UserError(f"fraction must be in (0, 1], got {fraction}")
     labels = np.asarray(labels).reshape(-1)
     classes = len(np.unique(labels))
     per_class = max(1, math.floor(fraction * len(labels) / max(classes, 1) + 0.5))   # round half up
@@ -151,7 +152,7 @@ def train_loop(net: nn.Module, head: nn.Linear, opt: torch.optim.Optimizer, imag
     after it). Returns {"loss": the last epoch's mean loss, "images": images trained on, "seconds"}."""
     subset = np.asarray(subset)
     if len(subset) == 0:
-        raise ValueError("nothing to fine-tune on: the training subset is empty")
+        raise UserError("nothing to fine-tune on: the training subset is empty")
     autocast = _autocast(device)
     batches = _epochs(subset, batch_size, g)
     epoch, total, count, seen, seconds, last_loss = 0, 0.0, 0, 0, 0.0, float("nan")

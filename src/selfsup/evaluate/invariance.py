@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
 from selfsup.methods.base import Method
 from selfsup.methods.jigsaw import Jigsaw
 from selfsup.methods.pirl import PIRL
@@ -154,8 +155,8 @@ def pirl_pair(method: PIRL, images: Tensor, g: torch.Generator, representation: 
     """(f(v_I), g(v_I^t)) of a uint8 batch B×3×H×W: the 128-d heads (the paper's Figure 4) or, with
     ``representation="trunk"``, pooled features of the image and the mean over the tiles of t(I)."""
     if not method.jigsaw:
-        raise ValueError(f"the PIRL model was trained with transform={method.cfg.transform!r}; this analysis "
-                         f"applies its jigsaw transformation")
+        raise UserError(f"the PIRL model was trained with transform={method.cfg.transform!r}; this analysis "
+                        f"applies its jigsaw transformation")
     size = method.cfg.size or images.shape[-1]
     x = to_float(images)
     tiles, _ = pirl_tiles(x, size, tuple(method.cfg.jigsaw_scale), g)
@@ -191,15 +192,15 @@ def invariance_pairs(model: Method | str | Path, images: np.ndarray, seed: int =
     t each, for a PIRL or Jigsaw model (a Method, or a run directory / checkpoint to load)."""
     method = model if isinstance(model, Method) else load_method(model)
     if method.name not in _PAIRS:
-        raise ValueError(f"the invariance analysis is defined for {', '.join(_PAIRS)}, not {method.name!r}")
+        raise UserError(f"the invariance analysis is defined for {', '.join(_PAIRS)}, not {method.name!r}")
     representation = representation or REPRESENTATIONS[method.name][0]
     if representation not in REPRESENTATIONS[method.name]:
-        raise ValueError(f"representation={representation!r} is not one of {REPRESENTATIONS[method.name]} "
-                         f"for {method.name}")
+        raise UserError(f"representation={representation!r} is not one of {REPRESENTATIONS[method.name]} "
+                        f"for {method.name}")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
+        raise UserError(f"images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
     if bn not in BN_MODES:
-        raise ValueError(f"bn={bn!r} is not one of {', '.join(BN_MODES)}")
+        raise UserError(f"bn={bn!r} is not one of {', '.join(BN_MODES)}")
     was_training = method.training
     method.to(device).train(bn == "batch")
     kept = {name: buf.clone() for name, buf in method.named_buffers() if "running_" in name or "num_batches" in name}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
 from selfsup.evaluate.metrics import score
 
 __all__ = ["knn_classify", "knn_neighbors", "knn_predict", "knn_scores"]
@@ -41,12 +42,12 @@ def _prepare(
 ) -> tuple[Tensor, Tensor]:
     train_x, test_x = torch.as_tensor(train_x), torch.as_tensor(test_x)
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"features must be 2-d with the same width; got train {tuple(train_x.shape)}, "
             f"test {tuple(test_x.shape)}"
         )
     if train_x.shape[0] == 0:
-        raise ValueError("the training set is empty")
+        raise UserError("the training set is empty")
     device = torch.device(device) if device is not None else train_x.device
     # Normalise in float32 (even for a bf16 similarity), then cast: the norm of a 2048-d bf16 vector
     # loses more precision than the cast itself.
@@ -101,13 +102,13 @@ def knn_scores(
     Returns a float32 ``(n_test, num_classes)`` tensor whose rows sum to one.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise UserError(f"temperature must be positive, got {temperature}")
     train, test = _prepare(train_x, test_x, device, dtype)
     labels = torch.as_tensor(train_y).to(train.device).long().reshape(-1)
     if labels.shape[0] != train.shape[0]:
-        raise ValueError(f"{train.shape[0]} training features but {labels.shape[0]} labels")
+        raise UserError(f"{train.shape[0]} training features but {labels.shape[0]} labels")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"training labels must lie in [0, {num_classes})")
+        raise UserError(f"training labels must lie in [0, {num_classes})")
     k = min(k, train.shape[0])
     step = _chunk(chunk_size, train.shape[0])
     out = torch.zeros(test.shape[0], num_classes, device=train.device)

@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
 from selfsup.evaluate.metrics import score
 
 __all__ = ["DEFAULT_STRENGTHS", "LinearProbeResult", "fit_logistic", "linear_probe", "predict"]
@@ -435,7 +436,7 @@ def linear_probe(
     """
     t0 = time.perf_counter()
     if search not in _SEARCHES:
-        raise ValueError(f"search must be one of {_SEARCHES}, got {search!r}")
+        raise UserError(f"search must be one of {_SEARCHES}, got {search!r}")
     device = torch.device(device) if device is not None else torch.as_tensor(train_x).device
     if search == "auto":
         search = "batched" if device.type == "cuda" else "early_stop"
@@ -447,14 +448,14 @@ def linear_probe(
     ytr, yva, yte = (prep(a, torch.long).reshape(-1) for a in (train_y, val_y, test_y))
     for name, xs, ys in (("train", xtr, ytr), ("val", xva, yva), ("test", xte, yte)):
         if xs.ndim != 2 or xs.shape[0] != ys.shape[0] or xs.shape[1] != xtr.shape[1]:
-            raise ValueError(f"{name}: features {tuple(xs.shape)} and labels {tuple(ys.shape)} do not match")
+            raise UserError(f"{name}: features {tuple(xs.shape)} and labels {tuple(ys.shape)} do not match")
         if ys.numel() == 0:
-            raise ValueError(f"{name} split is empty")
+            raise UserError(f"{name} split is empty")
         if int(ys.min()) < 0 or int(ys.max()) >= num_classes:
-            raise ValueError(f"{name} labels must lie in [0, {num_classes})")
+            raise UserError(f"{name} labels must lie in [0, {num_classes})")
     grid = sorted(float(w) for w in (strengths if strengths is not None else DEFAULT_STRENGTHS))
     if not grid or grid[0] <= 0:
-        raise ValueError("strengths must be a non-empty sequence of positive numbers")
+        raise UserError("strengths must be a non-empty sequence of positive numbers")
 
     k, d, n = num_classes, xtr.shape[1], xtr.shape[0]
     if precondition is None:

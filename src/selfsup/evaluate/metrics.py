@@ -20,15 +20,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 __all__ = ["METRICS", "mean_per_class", "score", "top1"]
 
 
 def _check(pred: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     pred, labels = torch.as_tensor(pred).reshape(-1), torch.as_tensor(labels).reshape(-1)
     if pred.shape != labels.shape:
-        raise ValueError(f"pred has {pred.numel()} entries but labels has {labels.numel()}")
+        raise UserError(f"pred has {pred.numel()} entries but labels has {labels.numel()}")
     if pred.numel() == 0:
-        raise ValueError("cannot score an empty set of predictions")
+        raise UserError("cannot score an empty set of predictions")
     return pred.long(), labels.long().to(pred.device)
 
 
@@ -42,7 +44,7 @@ def mean_per_class(pred: Tensor, labels: Tensor, num_classes: int) -> float:
     """Mean over the classes present in ``labels`` of the per-class recall, in percent."""
     pred, labels = _check(pred, labels)
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(labels.min())}, {int(labels.max())}]")
+        raise UserError(f"labels must lie in [0, {num_classes}); got [{int(labels.min())}, {int(labels.max())}]")
     total = torch.bincount(labels, minlength=num_classes).double()
     hits = torch.bincount(labels[pred == labels], minlength=num_classes).double()
     present = total > 0
@@ -61,5 +63,5 @@ def score(metric_name: str, pred: Tensor, labels: Tensor, num_classes: int) -> f
     """Dispatch on the metric's name: ``"top1"`` or ``"mean_per_class"`` (their code's names work too)."""
     name = _ALIASES.get(metric_name, metric_name)
     if name not in METRICS:
-        raise ValueError(f"unknown metric {metric_name!r}; choose one of {sorted(METRICS)}")
+        raise UserError(f"unknown metric {metric_name!r}; choose one of {sorted(METRICS)}")
     return METRICS[name](pred, labels, num_classes)

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.errors import UserError
 from selfsup.evaluate.features import MAX_DIMS, Encoder, pool_to_dims
 from selfsup.evaluate.metrics import score
 from selfsup.views.augment import normalize, to_float
@@ -138,9 +139,9 @@ def epoch_line(what: str, done: int, epochs: int, loss: float, lr: float, images
 
 def _check(images, labels, split: str) -> None:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{split} images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
+        raise UserError(f"{split} images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
     if len(images) != len(labels):
-        raise ValueError(f"{split} has {len(images)} images but {len(labels)} labels")
+        raise UserError(f"{split} has {len(images)} images but {len(labels)} labels")
 
 
 def sgd_probe(encoder: Encoder, train_images: np.ndarray, train_labels, test_images: np.ndarray, test_labels,
@@ -155,7 +156,7 @@ def sgd_probe(encoder: Encoder, train_images: np.ndarray, train_labels, test_ima
     _check(test_images, test_labels, "test")
     unknown = [t for t in taps if t not in encoder.backbone.taps]
     if unknown:
-        raise ValueError(f"unknown tap(s) {unknown}; {encoder.label} has: {', '.join(encoder.backbone.taps)}")
+        raise UserError(f"unknown tap(s) {unknown}; {encoder.label} has: {', '.join(encoder.backbone.taps)}")
     start = time.perf_counter()
     size = size or min(train_images.shape[1:3])
     encoder.backbone.to(device).eval()  # frozen, batch-norm statistics included

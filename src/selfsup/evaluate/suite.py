@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfsup.config import config_hash, read_yaml
+from selfsup.config import config_hash, protocol_config, read_yaml
 from selfsup.data import load
 from selfsup.data.registry import per_class_subset, resolve, train_val_split
+from selfsup.errors import UserError
 from selfsup.evaluate.features import MAX_DIMS, Encoder, tap_features
 from selfsup.evaluate.finetune import FinetuneConfig, finetune
 from selfsup.evaluate.knn import knn_predict
@@ -154,7 +155,7 @@ def load_splits(encoder: Encoder, dataset: str, taps: tuple[str, ...], resolutio
     encoded and cached either way); val and test stay whole."""
     spec = resolve(dataset)
     if spec.test_split is None:
-        raise ValueError(f"dataset {dataset} has no test or val split to score on (splits: {spec.splits})")
+        raise UserError(f"dataset {dataset} has no test or val split to score on (splits: {spec.splits})")
 
     def encoded(split):
         return tap_features(encoder, load(dataset, split, size=size), taps, resolution, device, max_dims=max_dims,
@@ -181,22 +182,19 @@ def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: 
     spec = resolve(dataset)
     unknown = [t for t in taps if t not in encoder.backbone.taps]
     if unknown:
-        raise ValueError(f"unknown tap(s) {unknown}; {encoder.label} has: {', '.join(encoder.backbone.taps)}")
+        raise UserError(f"unknown tap(s) {unknown}; {encoder.label} has: {', '.join(encoder.backbone.taps)}")
     for name, values in (overrides or {}).items():
         if name not in CONFIGS:
-            raise ValueError(f"settings given for unknown protocol {name!r}; protocols: {', '.join(CONFIGS)}")
-        valid = {f.name for f in fields(CONFIGS[name])}
-        if set(values) - valid:
-            raise ValueError(f"unknown {name} setting(s) {sorted(set(values) - valid)}; "
-                             f"valid: {', '.join(sorted(valid))}")
+            raise UserError(f"settings given for unknown protocol {name!r}; protocols: {', '.join(CONFIGS)}")
+        protocol_config(CONFIGS[name], values, name)
     planned = []
     for tap in taps:
         for name in protocols:
             if name not in CONFIGS:
-                raise ValueError(f"unknown protocol {name!r}; available: {', '.join(CONFIGS)}")
+                raise UserError(f"unknown protocol {name!r}; available: {', '.join(CONFIGS)}")
             if name == "semisup" and tap != "pre_logits":
-                raise ValueError(f"semisup fine-tunes the whole network from its pre-logits; got tap {tap!r}")
-            cfg = CONFIGS[name](**(overrides or {}).get(name, {}))
+                raise UserError(f"semisup fine-tunes the whole network from its pre-logits; got tap {tap!r}")
+            cfg = protocol_config(CONFIGS[name], (overrides or {}).get(name, {}), name)
             settings = {**asdict(cfg), "resolution": resolution}
             if train_per_class:  # only when set, so figures stored before the options keep their key
                 settings["train_per_class"] = train_per_class
@@ -213,7 +211,7 @@ def evaluate_model(encoder: Encoder, dataset: str, protocols: list[str], store: 
                           max_dims=max_dims, view=view) if needed else {})
     sgd_taps = tuple(tap for tap, name, *_, stored in planned if not stored and name == "sgd")
     if sgd_taps and view != "image":
-        raise ValueError("the sgd probe augments whole images: use view='image' (the default) with it")
+        raise UserError("the sgd probe augments whole images: use view='image' (the default) with it")
     sgd = (run_sgd(encoder, dataset, sgd_taps, next(c for _, n, c, *_ in planned if n == "sgd"), resolution,
                    device, train_per_class, max_dims) if sgd_taps else {})
     results = []

@@ -74,6 +74,7 @@ from torch import Tensor, nn
 
 from selfsup.backbones.base import Backbone
 from selfsup.data.registry import train_val_split
+from selfsup.errors import UserError
 from selfsup.evaluate.features import Encoder
 from selfsup.evaluate.finetune import as_encoder, linear_head, predict, train_loop, train_view
 from selfsup.evaluate.metrics import score
@@ -109,7 +110,7 @@ def cosine_lr(step: int, steps: int, lr: float) -> float:
 def sgd_weight_decay(lr: float, wd: float, mode: str = "divide_by_lr") -> float:
     """SGD's ``weight_decay`` for the grid's (lr, wd): wd / lr (``"divide_by_lr"``, their code) or wd (``"plain"``)."""
     if mode not in WD_MODES:
-        raise ValueError(f"wd_mode must be one of {WD_MODES}, got {mode!r}")
+        raise UserError(f"wd_mode must be one of {WD_MODES}, got {mode!r}")
     return wd / lr if mode == "divide_by_lr" else wd
 
 
@@ -146,10 +147,10 @@ def select(configs: Sequence[tuple[float, float]], steps: int, evaluate: Callabl
     best in grid order wins. ``"halving"``: the rounds of ``halving_rounds``, each keeping the better half;
     ties go to grid order. The steps spent are the sum of the rows' steps."""
     if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        raise UserError(f"search must be one of {SEARCHES}, got {search!r}")
     configs = [tuple(c) for c in configs]
     if not configs:
-        raise ValueError("the grid is empty: give at least one lr and one wd")
+        raise UserError("the grid is empty: give at least one lr and one wd")
     rows: list[list] = []
     if search == "grid":
         scores = []
@@ -198,9 +199,9 @@ class _Joined:
 
 def _check(images, labels, split: str) -> None:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{split} images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
+        raise UserError(f"{split} images must be uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
     if len(images) != len(labels):
-        raise ValueError(f"{split} has {len(images)} images but {len(labels)} labels")
+        raise UserError(f"{split} has {len(images)} images but {len(labels)} labels")
 
 
 def transfer_finetune(model: Encoder | Backbone, train_images: np.ndarray, train_labels,
@@ -221,9 +222,9 @@ def transfer_finetune(model: Encoder | Backbone, train_images: np.ndarray, train
     cfg = cfg or TransferFinetuneConfig()
     sgd_weight_decay(1.0, 0.0, cfg.wd_mode)                       # unknown modes fail before any training
     if cfg.search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {cfg.search!r}")
+        raise UserError(f"search must be one of {SEARCHES}, got {cfg.search!r}")
     if (val_images is None) != (val_labels is None):
-        raise ValueError("give both val_images and val_labels, or neither (a split of train is then held out)")
+        raise UserError("give both val_images and val_labels, or neither (a split of train is then held out)")
     _check(train_images, train_labels, "train")
     _check(test_images, test_labels, "test")
     start = time.perf_counter()
@@ -237,8 +238,8 @@ def transfer_finetune(model: Encoder | Backbone, train_images: np.ndarray, train
     else:
         _check(val_images, val_labels, "val")
         if val_images.shape[1:] != train_images.shape[1:]:
-            raise ValueError(f"val images are {tuple(val_images.shape[1:])} but train images "
-                             f"{tuple(train_images.shape[1:])}: resize both splits alike (data.load(..., size=))")
+            raise UserError(f"val images are {tuple(val_images.shape[1:])} but train images "
+                            f"{tuple(train_images.shape[1:])}: resize both splits alike (data.load(..., size=))")
         fit_idx, val_idx = np.arange(len(train_images)), np.arange(len(val_images))
         val_x, yval = val_images, torch.as_tensor(np.asarray(val_labels), dtype=torch.int64)
         trainval = _Joined(train_images, val_images)

@@ -86,15 +86,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from selfsup.config import RECIPES, config_hash
+from selfsup.config import RECIPES, config_hash, protocol_config
 from selfsup.data import load
 from selfsup.data.registry import METRICS, DatasetSpec, resolve
+from selfsup.errors import UserError
 from selfsup.evaluate.calibration import calibration, calibration_cv, logits_from_linear, reliability
 from selfsup.evaluate.features import Encoder, load_encoder
 from selfsup.evaluate.fewshot import FewShotConfig, fewshot
@@ -171,20 +172,14 @@ def _where(path: Path | None) -> str:
 
 
 def _make(protocol: str, values: dict, path: Path | None = None):
-    cls = CONFIGS[protocol]
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {protocol} setting(s) {unknown}{_where(path)}; valid: {', '.join(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = getattr(cls(), name)
-        kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-    cfg = cls(**kwargs)
+    if protocol == "fewshot" and "shots" in values and not isinstance(values["shots"], list | tuple):
+        values = {**values, "shots": [values["shots"]]}   # fewshot.shots=5 means [5]
+    try:
+        cfg = protocol_config(CONFIGS[protocol], values, protocol)
+    except UserError as err:
+        raise type(err)(f"{path}: {err}" if path else str(err)) from err
     if protocol == "calibration" and cfg.fit not in CALIBRATION_FITS:
-        raise ValueError(f"calibration fit must be one of {CALIBRATION_FITS}, got {cfg.fit!r}{_where(path)}")
-    if protocol == "fewshot":
-        cfg.shots = [int(s) for s in (cfg.shots if isinstance(cfg.shots, list | tuple) else [cfg.shots])]
+        raise UserError(f"calibration fit must be one of {CALIBRATION_FITS}, got {cfg.fit!r}{_where(path)}")
     return cfg
 
 
@@ -222,15 +217,15 @@ def load_suite(suite: str | Path | dict | Suite) -> Suite:
         with open(path) as f:
             suite = yaml.safe_load(f) or {}
         if not isinstance(suite, dict):
-            raise ValueError(f"{path} must hold a mapping with name, datasets and protocols")
+            raise UserError(f"{path} must hold a mapping with name, datasets and protocols")
     where = _where(path)
     unknown = sorted(set(suite) - {"name", "datasets", "protocols", "taps"})
     if unknown:
-        raise ValueError(f"unknown suite key(s) {unknown}{where}; keys: name, datasets, protocols, taps")
+        raise UserError(f"unknown suite key(s) {unknown}{where}; keys: name, datasets, protocols, taps")
     settings = suite.get("protocols") or {}
     for protocol, values in settings.items():
         if protocol not in CONFIGS:
-            raise ValueError(f"settings for unknown protocol {protocol!r}{where}; protocols: {', '.join(PROTOCOLS)}")
+            raise UserError(f"settings for unknown protocol {protocol!r}{where}; protocols: {', '.join(PROTOCOLS)}")
         _make(protocol, values or {}, path)
     settings = {k: dict(v or {}) for k, v in settings.items()}
     entries = []
@@ -239,8 +234,8 @@ def load_suite(suite: str | Path | dict | Suite) -> Suite:
             item = {"name": item}
         bad = sorted(set(item) - {"name", "path", "protocols", "resolution", "size", "metric", "settings"})
         if bad or ("name" in item) == ("path" in item):
-            raise ValueError(f"dataset {i + 1}{where}: give exactly one of name or path, and only the keys "
-                             f"protocols, resolution, size, metric, settings (got {sorted(item)})")
+            raise UserError(f"dataset {i + 1}{where}: give exactly one of name or path, and only the keys "
+                            f"protocols, resolution, size, metric, settings (got {sorted(item)})")
         name = item.get("name")
         if name is None:  # a path: relative to the suite file
             p = Path(item["path"]).expanduser()
@@ -248,18 +243,18 @@ def load_suite(suite: str | Path | dict | Suite) -> Suite:
         protocols = tuple(item.get("protocols") or PROTOCOLS)
         wrong = [p for p in protocols if p not in PROTOCOLS]
         if wrong:
-            raise ValueError(f"dataset {name}{where}: unknown protocol(s) {wrong}; protocols: {', '.join(PROTOCOLS)}")
+            raise UserError(f"dataset {name}{where}: unknown protocol(s) {wrong}; protocols: {', '.join(PROTOCOLS)}")
         if item.get("metric") is not None and item["metric"] not in METRICS:
-            raise ValueError(f"dataset {name}{where}: metric must be one of {METRICS}, got {item['metric']!r}")
+            raise UserError(f"dataset {name}{where}: metric must be one of {METRICS}, got {item['metric']!r}")
         own = {k: dict(v or {}) for k, v in (item.get("settings") or {}).items()}
         for protocol, values in own.items():
             if protocol not in CONFIGS:
-                raise ValueError(f"dataset {name}{where}: settings for unknown protocol {protocol!r}")
+                raise UserError(f"dataset {name}{where}: settings for unknown protocol {protocol!r}")
             _make(protocol, {**settings.get(protocol, {}), **values}, path)
         entries.append(DatasetEntry(name, protocols, item.get("resolution"), item.get("size"), item.get("metric"),
                                     own))
     if not entries:
-        raise ValueError(f"the suite{where} lists no datasets")
+        raise UserError(f"the suite{where} lists no datasets")
     taps = suite.get("taps") or ["pre_logits"]
     return Suite(str(suite.get("name") or (path.stem if path else "suite")), entries, settings,
                  tuple([taps] if isinstance(taps, str) else taps), path)
@@ -385,7 +380,7 @@ def run_suite(paths_or_encoders: Sequence[str | Path | Encoder] | str | Path | E
     log = log or (lambda _: None)
     for protocol, values in (overrides or {}).items():
         if protocol not in CONFIGS:
-            raise ValueError(f"settings given for unknown protocol {protocol!r}; suite protocols: {', '.join(CONFIGS)}")
+            raise UserError(f"settings given for unknown protocol {protocol!r}; suite protocols: {', '.join(CONFIGS)}")
         _make(protocol, {**suite.settings.get(protocol, {}), **(values or {})})
     items = paths_or_encoders if isinstance(paths_or_encoders, list | tuple) else [paths_or_encoders]
     out = SuiteRun([], [], [])
@@ -393,8 +388,8 @@ def run_suite(paths_or_encoders: Sequence[str | Path | Encoder] | str | Path | E
         encoder = _encoder(item)
         unknown = [t for t in suite.taps if t not in encoder.backbone.taps]
         if unknown:
-            raise ValueError(f"suite {suite.name}: unknown tap(s) {unknown}; {encoder.label} has "
-                             f"{', '.join(encoder.backbone.taps)}")
+            raise UserError(f"suite {suite.name}: unknown tap(s) {unknown}; {encoder.label} has "
+                            f"{', '.join(encoder.backbone.taps)}")
         for entry in suite.datasets:
             _run_dataset(encoder, suite, entry, store, device, force, log, overrides, tags or {}, out)
     return out
@@ -404,7 +399,7 @@ def _run_dataset(encoder: Encoder, suite: Suite, entry: DatasetEntry, store: Sto
                  overrides: dict | None, tags: dict, out: SuiteRun) -> None:
     spec = resolve(entry.name)
     if spec.test_split is None:
-        raise ValueError(f"dataset {entry.name} has no test or val split to score on (splits: {spec.splits})")
+        raise UserError(f"dataset {entry.name} has no test or val split to score on (splits: {spec.splits})")
     metric = entry.metric or spec.metric
     size = decode_size(spec, entry.size, entry.resolution)
     base = {"resolution": entry.resolution}
@@ -570,13 +565,13 @@ def run_analyses(paths_or_encoders: Sequence[str | Path | Encoder] | str | Path 
     log = log or (lambda _: None)
     wrong = [a for a in analyses if a not in ANALYSES]
     if wrong:
-        raise ValueError(f"unknown analyses {wrong}; available: {', '.join(ANALYSES)}")
+        raise UserError(f"unknown analyses {wrong}; available: {', '.join(ANALYSES)}")
     if images < 2 or invert < 0 or invert > images:
-        raise ValueError(f"need images >= 2 (sensitivity pairs different images) and 0 <= invert <= images; got "
-                         f"images={images}, invert={invert}")
+        raise UserError(f"need images >= 2 (sensitivity pairs different images) and 0 <= invert <= images; got "
+                        f"images={images}, invert={invert}")
     spec = resolve(dataset)
     if spec.test_split is None:
-        raise ValueError(f"dataset {dataset} has no test or val split (splits: {spec.splits})")
+        raise UserError(f"dataset {dataset} has no test or val split (splits: {spec.splits})")
     size = decode_size(spec, None, resolution)
     items = paths_or_encoders if isinstance(paths_or_encoders, list | tuple) else [paths_or_encoders]
     rows: list[Result] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from selfsup.errors import UserError
 from selfsup.methods.base import Method
 from selfsup.methods.exemplar import Exemplar
 from selfsup.methods.jigsaw import Jigsaw
@@ -18,7 +19,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exempl
 
 def get(name: str) -> type[Method]:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+        raise UserError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return METHODS[name]
 
 

@@ -16,13 +16,14 @@ a method makes comes from it, which is what makes a killed-and-resumed run equal
 from __future__ import annotations
 
 import abc
-from dataclasses import fields
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from selfsup.backbones.base import Backbone
+from selfsup.config import POSITIVE, Range, one_of
+from selfsup.views.augment import PRESETS
 
 # The pretext optimisation of Kolesnikov et al. 2019's public configs (config/*/imagenet.sh), shared by
 # rotation, exemplar, relative_patch and jigsaw: SGD momentum 0.9, lr 0.1 × batch/256, weight decay 1e-4,
@@ -31,11 +32,16 @@ REVISITING_OPTIM = dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, war
                         milestones=[15, 25], gamma=0.1)
 
 
+# Fields many methods share: a crop size in pixels, an augmentation preset.
+COMMON_LIMITS = {"size": Range(1, 8192), "view": one_of(*PRESETS), "temperature": POSITIVE, "embed_dim": Range(1)}
+
+
 class Method(nn.Module, abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type]                 # the method's own dataclass of hyperparameters
     optim_defaults: ClassVar[dict] = {}    # the source paper's optimiser recipe (OptimConfig fields)
+    limits: ClassVar[dict] = {}            # Config field -> selfsup.config.Range | OneOf, checked by make_config
 
     def __init__(self, backbone: Backbone, cfg: Any, num_images: int):
         super().__init__()
@@ -68,11 +74,9 @@ class Method(nn.Module, abc.ABC):
 
     @classmethod
     def make_config(cls, params: dict) -> Any:
-        """The method's Config from a mapping, naming unknown keys and listing the valid ones."""
+        """The method's Config from a mapping: unknown keys named with the valid ones, every value typed
+        against its field (:func:`selfsup.config.coerce`) and checked against :attr:`limits`."""
+        from selfsup.config import typed
+
         params = {k: v for k, v in params.items() if k != "name"}
-        known = {f.name for f in fields(cls.Config)}
-        unknown = set(params) - known
-        if unknown:
-            raise KeyError(f"unknown option(s) {sorted(unknown)} for method {cls.name!r}; "
-                           f"valid: {', '.join(sorted(known))}")
-        return cls.Config(**params)
+        return typed(cls.Config, params, "method.", {**COMMON_LIMITS, **cls.limits})

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.config import NON_NEGATIVE, PROBABILITY, Range
 from selfsup.losses import triplet_semihard
 from selfsup.methods.base import REVISITING_OPTIM, Method
 from selfsup.views.augment import PRESETS, make_view, to_float
@@ -67,14 +68,11 @@ class Exemplar(Method):
     name = "exemplar"
     summary = "Exemplar (Dosovitskiy et al. 2014; Kolesnikov et al. 2019 §3): 8 copies/image, semi-hard triplet loss"
     Config = ExemplarConfig
+    limits = {"copies": Range(2), "gray_p": PROBABILITY, "margin": NON_NEGATIVE}   # a triplet needs 2 copies
     optim_defaults = REVISITING_OPTIM
 
     def __init__(self, backbone, cfg: ExemplarConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)
-        if cfg.copies < 2:
-            raise ValueError(f"method.copies={cfg.copies}: the triplet loss needs at least 2 copies per image")
-        if cfg.view not in PRESETS:
-            raise ValueError(f"method.view={cfg.view!r} is not one of {', '.join(PRESETS)}")
         self.view_cfg = PRESETS[cfg.view]
         self.head = nn.Linear(backbone.out_dim, cfg.embed_dim)   # their net's logits layer, num_classes=embed_dim
 

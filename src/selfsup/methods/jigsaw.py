@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsup.config import Range
 from selfsup.methods.base import REVISITING_OPTIM
 from selfsup.methods.patch_task import PatchTask, PatchTaskConfig
 from selfsup.views.permutations import hamming_permutations
@@ -35,6 +36,8 @@ class Jigsaw(PatchTask):
     Config = JigsawConfig
     optim_defaults = REVISITING_OPTIM
     tuple_len = 9
+    limits = {**PatchTask.limits, "num_permutations": Range(2, 362_880), "perm_subset_size": Range(1),
+              "permutation_seed": Range(0)}
 
     def __init__(self, backbone, cfg: JigsawConfig, num_images: int):
         self.num_classes = cfg.num_permutations

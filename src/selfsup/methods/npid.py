@@ -36,6 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.config import FRACTION_BELOW_ONE, Range, one_of
+from selfsup.errors import UserError
 from selfsup.losses import estimate_nce_z, nce_from_scores, nce_scores
 from selfsup.methods.base import Method
 from selfsup.nn.distributed import is_distributed
@@ -80,7 +82,7 @@ class NormalizingConstant(nn.Module):
     def __init__(self, num_items: int, mode: str = "first_batch"):
         super().__init__()
         if mode not in NORM_CONSTANT_MODES:
-            raise ValueError(f"norm_constant={mode!r} is not one of {', '.join(NORM_CONSTANT_MODES)}")
+            raise UserError(f"norm_constant={mode!r} is not one of {', '.join(NORM_CONSTANT_MODES)}")
         self.num_items, self.mode = num_items, mode
         self.register_buffer("value", torch.tensor(-1.0))   # < 0: not estimated yet
 
@@ -101,12 +103,12 @@ class NPID(Method):
     name = "npid"
     summary = "NPID / InstDisc (Wu et al. 2018): NCE against a memory bank, own entry positive, 4,096 negatives"
     Config = NPIDConfig
+    limits = {"num_negatives": Range(1), "momentum": FRACTION_BELOW_ONE, "view": one_of("npid", "pirl"),
+              "norm_constant": one_of(*NORM_CONSTANT_MODES)}
     optim_defaults = NPID_OPTIM
 
     def __init__(self, backbone, cfg: NPIDConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)
-        if cfg.view not in ("npid", "pirl"):
-            raise ValueError(f"method.view={cfg.view!r} is not one of npid, pirl")
         self.head = nn.Linear(backbone.out_dim, cfg.embed_dim)
         self.bank = MemoryBank(num_images, cfg.embed_dim, cfg.momentum)
         self.z = NormalizingConstant(num_images, cfg.norm_constant)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.config import FRACTION_BELOW_ONE, NON_NEGATIVE, PROBABILITY, Range
 from selfsup.methods.base import Method
 from selfsup.views.augment import to_float
 from selfsup.views.color import random_mean_gray
@@ -58,6 +59,8 @@ class PatchTask(Method):
 
     num_classes: int
     tuple_len: int
+    limits = {"gray_p": PROBABILITY, "hidden": Range(1), "dropout": FRACTION_BELOW_ONE,
+              "head_weight_decay": NON_NEGATIVE}
 
     def __init__(self, backbone, cfg, num_images: int):
         super().__init__(backbone, cfg, num_images)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.config import PROBABILITY, Range, one_of
 from selfsup.losses import nce_scores, pirl_loss
 from selfsup.methods.npid import NPID, PIRL_OPTIM, NPIDConfig
 from selfsup.views.augment import rotate90
@@ -68,13 +69,11 @@ class PIRL(NPID):
     name = "pirl"
     summary = "PIRL (Misra & van der Maaten 2020): jigsaw/rotation-invariant NCE against a memory bank (eq. 5)"
     Config = PIRLConfig
+    limits = {**NPID.limits, "transform": one_of(*TRANSFORMS), "lam": PROBABILITY,
+              "jigsaw_scale": Range(0, 1, low_open=True), "num_permutations": Range(1, 362_880)}
     optim_defaults = PIRL_OPTIM
 
     def __init__(self, backbone, cfg: PIRLConfig, num_images: int):
-        if cfg.transform not in TRANSFORMS:
-            raise ValueError(f"method.transform={cfg.transform!r} is not one of {', '.join(TRANSFORMS)}")
-        if not 0.0 <= cfg.lam <= 1.0:
-            raise ValueError(f"method.lam must be in [0, 1], got {cfg.lam}")
         super().__init__(backbone, cfg, num_images)
         dim, e = backbone.out_dim, cfg.embed_dim
         self.jigsaw = "jigsaw" in cfg.transform

@@ -41,8 +41,6 @@ class Rotation(Method):
     def __init__(self, backbone, cfg: RotationConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)
         self.head = nn.Linear(backbone.out_dim, 4)
-        if cfg.view not in PRESETS:
-            raise ValueError(f"method.view={cfg.view!r} is not one of {', '.join(PRESETS)}")
         self.view_cfg = PRESETS[cfg.view]
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:

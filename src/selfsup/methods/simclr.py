@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from selfsup.config import Range
 from selfsup.losses import nt_xent
 from selfsup.methods.base import Method
 from selfsup.views.augment import PRESETS, make_view
@@ -38,6 +39,7 @@ class SimCLR(Method):
     name = "simclr"
     summary = "SimCLR (Chen et al. 2020): two views, projector, NT-Xent with cross-rank negatives"
     Config = SimCLRConfig
+    limits = {"proj_hidden": Range(1), "proj_dim": Range(1)}
     optim_defaults = dict(name="lars", lr=0.3, weight_decay=1e-6, exclude_norm_and_bias=True,
                           warmup_epochs=10, schedule="cosine")
 
@@ -49,8 +51,6 @@ class SimCLR(Method):
             nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, cfg.proj_dim),
         )
-        if cfg.view not in PRESETS:
-            raise ValueError(f"method.view={cfg.view!r} is not one of {', '.join(PRESETS)}")
         self.view_cfg = PRESETS[cfg.view]
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.config import FRACTION_BELOW_ONE, POSITIVE, PROBABILITY, Range
+from selfsup.errors import UserError
 from selfsup.methods.base import Method
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, ViewConfig, make_view
 
@@ -66,13 +68,13 @@ class Supervised(Method):
     summary = ("Supervised baseline (Ericsson et al. 2021 §3; torchvision recipe): crop+flip, linear classifier, "
                "cross-entropy on the pretraining split's labels")
     Config = SupervisedConfig
+    limits = {"crop_scale": Range(0, 1, low_open=True), "crop_ratio": POSITIVE, "flip_p": PROBABILITY,
+              "label_smoothing": FRACTION_BELOW_ONE}
     optim_defaults = SUPERVISED_OPTIM
     needs_labels = True   # the loop calls set_labels() before training
 
     def __init__(self, backbone, cfg: SupervisedConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)
-        if not 0.0 <= cfg.label_smoothing < 1.0:
-            raise ValueError(f"method.label_smoothing={cfg.label_smoothing} must be in [0, 1)")
         self.head: nn.Linear | None = None   # built by set_labels (its width is the number of classes)
         self.register_buffer("labels", torch.empty(0, dtype=torch.long), persistent=False)
         # identical on every rank: keep DDP from broadcasting the table before each forward
@@ -83,18 +85,18 @@ class Supervised(Method):
         the classifier (``num_classes`` wide; default ``labels.max() + 1``) if there is none yet."""
         labels = torch.as_tensor(labels).long()
         if labels.ndim != 1 or len(labels) != self.num_images:
-            raise ValueError(f"expected {self.num_images} labels, one per training image; "
-                             f"got shape {tuple(labels.shape)}")
+            raise UserError(f"expected {self.num_images} labels, one per training image; "
+                            f"got shape {tuple(labels.shape)}")
         k = int(labels.max()) + 1 if num_classes is None else int(num_classes)
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(f"labels span [{int(labels.min())}, {int(labels.max())}] but there are {k} classes")
+            raise UserError(f"labels span [{int(labels.min())}, {int(labels.max())}] but there are {k} classes")
         if k < 2:
-            raise ValueError(f"the supervised baseline needs two or more classes; the labels hold {k}")
+            raise UserError(f"the supervised baseline needs two or more classes; the labels hold {k}")
         if self.head is None:
             device = next(self.backbone.parameters()).device
             self.head = nn.Linear(self.backbone.out_dim, k).to(device)
         elif self.head.out_features != k:
-            raise ValueError(f"the classifier has {self.head.out_features} classes but the labels {k}")
+            raise UserError(f"the classifier has {self.head.out_features} classes but the labels {k}")
         self.labels = labels
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.errors import UserError
 from selfsup.nn.distributed import gather_with_grad, rank_and_world
 
 # Rows drawn per seeded generator at initialisation: bounds the temporary memory of the init to one
@@ -86,7 +87,7 @@ def sample_negatives(positives: Tensor, num: int, size: int, g: torch.Generator,
     skip every sample's own image; the method documents when it uses it.
     """
     if num < 1 or size < 2:
-        raise ValueError(f"need at least one negative and two images, got num={num}, |D|={size}")
+        raise UserError(f"need at least one negative and two images, got num={num}, |D|={size}")
     if shared:
         return torch.randint(0, size, (num,), generator=g, device=g.device)
     pos = positives.reshape(-1, 1).to(g.device)
@@ -100,9 +101,9 @@ class MemoryBank(nn.Module):
     def __init__(self, size: int, dim: int = 128, momentum: float = 0.5, seed: int | None = None):
         super().__init__()
         if size < 2:
-            raise ValueError(f"a memory bank needs at least 2 entries (one positive, one negative), got {size}")
+            raise UserError(f"a memory bank needs at least 2 entries (one positive, one negative), got {size}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+            raise UserError(f"momentum must be in [0, 1), got {momentum}")
         self.size, self.dim, self.momentum = size, dim, momentum
         self.rank, self.world = rank_and_world()
         if seed is None:  # from the global RNG, which the loop seeds identically on every rank

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from selfsup.config import OptimConfig
+from selfsup.errors import UserError
 
 
 class LARS(torch.optim.Optimizer):
@@ -77,7 +78,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
         for g in groups:
             g.pop("lars", None)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
-    raise ValueError(f"optim.name={cfg.name!r} is not one of sgd, lars, adamw")
+    raise UserError(f"optim.name={cfg.name!r} is not one of sgd, lars, adamw")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -101,7 +102,7 @@ def lr_at(step: int, total: int, base_lr: float, cfg: OptimConfig, steps_per_epo
         return base_lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     if cfg.schedule == "constant":
         return base_lr
-    raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of cosine, step, constant")
+    raise UserError(f"optim.schedule={cfg.schedule!r} is not one of cosine, step, constant")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 from .color import apply_subset, coin, color_jitter, random_grayscale, solarize, uniform
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -181,7 +183,7 @@ def blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     applies every sample's own kernel: a 1 x k pass, then a k x 1 pass.
     """
     if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+        raise UserError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     B, C, H, W = x.shape
     k = gaussian_kernel1d(sigma.to(x.device, x.dtype), kernel_size).repeat_interleave(C, 0)
     pad = kernel_size // 2
@@ -220,7 +222,7 @@ def rotate90(x: Tensor, k: Tensor) -> Tensor:
     """
     B, C, H, W = x.shape
     if H != W:
-        raise ValueError(f"rotate90 needs square images, got {H}x{W}")
+        raise UserError(f"rotate90 needs square images, got {H}x{W}")
     index = torch.arange(H * W, device=x.device).view(H, W)
     table = torch.stack([torch.rot90(index, r, (0, 1)).reshape(-1) for r in range(4)])
     src = table[k.to(x.device).long().remainder(4)]  # B x HW

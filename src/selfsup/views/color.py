@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 # ITU-R 601-2 luma, as PIL's ``convert("L")``. torchvision uses 0.2989 for red; 0.299 makes the
 # weights sum to exactly 1 so a grey image is a fixed point of the grayscale op.
 LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -58,14 +60,14 @@ def _range(value: float | Sequence[float], center: float, name: str, bound: floa
     """torchvision ``ColorJitter._check_input``: v -> [max(0, c - v), c + v], or an explicit pair."""
     if isinstance(value, int | float):
         if value < 0:
-            raise ValueError(f"{name} must be non-negative, got {value}")
+            raise UserError(f"{name} must be non-negative, got {value}")
         lo, hi = center - value, center + value
         if bound is None:  # multiplicative factors cannot go below 0
             lo = max(lo, 0.0)
     else:
         lo, hi = float(value[0]), float(value[1])
     if lo > hi or (bound is not None and (lo < -bound or hi > bound)):
-        raise ValueError(f"{name} range {(lo, hi)} is invalid")
+        raise UserError(f"{name} range {(lo, hi)} is invalid")
     return lo, hi
 
 

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 # The paper's geometry, at its 292-px resize (Kolesnikov et al. 2019, §3 and public configs).
 PAPER_RESIZE, PAPER_CROP, PAPER_CELL, PAPER_PATCH = 292, 255, 85, 64
 # Its evaluation geometry: shorter side 224, centre crop 192, 64-px patches without jitter.
@@ -79,9 +81,9 @@ class PatchGeometry:
 
     def __post_init__(self) -> None:
         if self.patch < 1 or self.cell < self.patch or self.jitter != self.cell - self.patch:
-            raise ValueError(f"inconsistent patch geometry {self}: need 1 <= patch <= cell, jitter = cell - patch")
+            raise UserError(f"inconsistent patch geometry {self}: need 1 <= patch <= cell, jitter = cell - patch")
         if self.crop != self.grid * self.cell or self.crop > self.resize:
-            raise ValueError(f"inconsistent patch geometry {self}: need crop = grid * cell <= resize")
+            raise UserError(f"inconsistent patch geometry {self}: need crop = grid * cell <= resize")
 
 
 def patch_geometry(image_size: int) -> PatchGeometry:
@@ -90,7 +92,7 @@ def patch_geometry(image_size: int) -> PatchGeometry:
     See the module docstring for the rule and the table; e.g. 64 px -> crop 57, cells 19, patches 14.
     """
     if image_size < 4:
-        raise ValueError(f"image_size {image_size} is too small for a 3x3 patch grid (need >= 4 px)")
+        raise UserError(f"image_size {image_size} is too small for a 3x3 patch grid (need >= 4 px)")
     cell = _round_half_up(PAPER_CELL * image_size, PAPER_RESIZE)
     patch = max(1, _round_half_up(PAPER_PATCH * cell, PAPER_CELL))
     return PatchGeometry(resize=image_size, crop=GRID * cell, grid=GRID, cell=cell, patch=patch, jitter=cell - patch)
@@ -123,11 +125,11 @@ def patch_corners(
     code's floor ``(size - crop) // 2``, so ``g`` is not needed. Cells are row-major (4 = centre of 3x3).
     """
     if height < geom.crop or width < geom.crop:
-        raise ValueError(f"image {height}x{width} is smaller than the patch crop {geom.crop}")
+        raise UserError(f"image {height}x{width} is smaller than the patch crop {geom.crop}")
     n = geom.grid * geom.grid
     if jitter:
         if g is None:
-            raise ValueError("patch_corners(jitter=True) needs a torch.Generator g")
+            raise UserError("patch_corners(jitter=True) needs a torch.Generator g")
         u = torch.rand(batch, 2, generator=g, device=g.device, dtype=torch.float64)
         span = torch.tensor([height - geom.crop + 1, width - geom.crop + 1], dtype=torch.float64, device=g.device)
         crop = (u * span).floor().long()

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 Criterion = Literal["sum", "maximin"]
 
 
@@ -99,16 +101,16 @@ def hamming_permutations(n: int = 100, tiles: int = 9, seed: int = 0, criterion:
     (n, tiles, seed, criterion); the first rows of a larger set equal the smaller set with the same seed.
     """
     if criterion not in ("sum", "maximin"):
-        raise ValueError(f"criterion must be 'sum' or 'maximin', got {criterion!r}")
+        raise UserError(f"criterion must be 'sum' or 'maximin', got {criterion!r}")
     if not 1 <= n <= factorial(tiles):
-        raise ValueError(f"n must be in [1, {tiles}!] for {tiles} tiles, got {n}")
+        raise UserError(f"n must be in [1, {tiles}!] for {tiles} tiles, got {n}")
     return torch.from_numpy(_hamming_set(n, tiles, seed, criterion).copy())
 
 
 def _pairwise(perms: Tensor | np.ndarray) -> Tensor:
     p = torch.as_tensor(np.asarray(perms))
     if p.dim() != 2 or p.shape[0] < 2:
-        raise ValueError(f"need an m x k set of at least two permutations, got shape {tuple(p.shape)}")
+        raise UserError(f"need an m x k set of at least two permutations, got shape {tuple(p.shape)}")
     d = (p[:, None, :] != p[None, :, :]).sum(-1)
     iu = torch.triu_indices(p.shape[0], p.shape[0], offset=1)
     return d[iu[0], iu[1]]

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.errors import UserError
+
 from .augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -54,7 +56,7 @@ def pirl_geometry(image_size: int) -> PatchGeometry:
     """PIRL's jigsaw geometry (255 crop, 85 cells, 64 patches at a 224 image crop) scaled to ``image_size``.
     ``resize`` equals ``crop``: the tiles are cut from a random resized crop already of that size."""
     if image_size < 4:
-        raise ValueError(f"image_size {image_size} is too small for a 3x3 jigsaw grid")
+        raise UserError(f"image_size {image_size} is too small for a 3x3 jigsaw grid")
     cell = (2 * PIRL_CELL * image_size + PIRL_IMAGE) // (2 * PIRL_IMAGE)      # round half up, in integers
     patch = max(1, (2 * PIRL_PATCH * cell + PIRL_CELL) // (2 * PIRL_CELL))
     return PatchGeometry(resize=GRID * cell, crop=GRID * cell, grid=GRID, cell=cell, patch=patch, jitter=cell - patch)

@@ -25,10 +25,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from selfsup import backbones
 from selfsup.config import BackboneConfig
+from selfsup.errors import UserError
+from selfsup.train.checkpoint import read_safetensors
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
 PREFIXES = ("module.encoder_q.", "module.encoder.", "module.", "backbone.", "encoder.", "model.", "")
@@ -38,19 +40,19 @@ WRAPPERS = ("state_dict", "model", "network")
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from the usual training-script containers."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path)[0]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that holds more than tensors and plain containers
-        raise ValueError(f"{path}: not loadable with torch.load(weights_only=True) ({e}); re-save its state dict "
-                         f"(torch.save(model.state_dict(), ...)) or as safetensors, then convert that") from e
+        raise UserError(f"{path}: not loadable with torch.load(weights_only=True) ({e}); re-save its state dict "
+                        f"(torch.save(model.state_dict(), ...)) or as safetensors, then convert that") from e
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
         if inner is None:
-            raise ValueError(f"{path}: no state dict found (top-level keys: {sorted(obj)[:10]})")
+            raise UserError(f"{path}: no state dict found (top-level keys: {sorted(obj)[:10]})")
         obj = inner
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -69,13 +71,13 @@ def convert(path: str | Path, out: str | Path, backbone: str = "resnet50", width
             best, matched = prefix, found
     missing = sorted(set(wanted) - set(matched))
     if missing:
-        raise ValueError(f"{path}: {len(missing)} of {backbone}'s {len(wanted)} tensors are not in the checkpoint "
-                         f"under any known prefix (best {best!r}; first missing: {missing[:5]}); check --backbone "
-                         f"and --width")
+        raise UserError(f"{path}: {len(missing)} of {backbone}'s {len(wanted)} tensors are not in the checkpoint "
+                        f"under any known prefix (best {best!r}; first missing: {missing[:5]}); check --backbone "
+                        f"and --width")
     for name, tensor in matched.items():
         if tensor.shape != wanted[name].shape:
-            raise ValueError(f"{path}: {best}{name} has shape {tuple(tensor.shape)}, {backbone} expects "
-                             f"{tuple(wanted[name].shape)}; check --backbone and --width")
+            raise UserError(f"{path}: {best}{name} has shape {tuple(tensor.shape)}, {backbone} expects "
+                            f"{tuple(wanted[name].shape)}; check --backbone and --width")
     net.load_state_dict(matched)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     meta = {"backbone": json.dumps(asdict(arch)), "method": f"converted:{path.name}", "format": "selfsup-1",
