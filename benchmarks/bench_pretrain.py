@@ -24,7 +24,10 @@ import torch
 from selfsup import backbones, methods
 from selfsup.config import OptimConfig
 from selfsup.data import load
+from selfsup.methods.base import StepInfo
 from selfsup.train.optim import build_optimizer
+
+INFO = StepInfo.at(0)   # the step these calls stand for (no schedule depends on it here)
 
 
 def _sync(device: str) -> None:
@@ -58,19 +61,19 @@ def main() -> None:
 
     def step(views):
         with autocast:
-            loss = method(views)["loss"]
+            loss = method(views, INFO)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def batched(i):
         with torch.no_grad():
-            return method.views(images, index, torch.Generator().manual_seed(i))
+            return method.views(images, index, torch.Generator().manual_seed(i), INFO)
 
     def per_image(i):
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
-            parts = [method.views(images[j:j + 1], index[j:j + 1], g) for j in range(len(images))]
+            parts = [method.views(images[j:j + 1], index[j:j + 1], g, INFO) for j in range(len(images))]
         return {k: torch.cat([p[k] for p in parts]).contiguous(memory_format=torch.channels_last) for k in parts[0]}
 
     fixed = batched(0)

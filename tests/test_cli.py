@@ -19,6 +19,7 @@ def test_print_config_layers_recipe_flags_and_overrides(capsys):
     assert "temperature: 0.2" in text and "lr: 0.25" in text and "steps: 7" in text
     assert "epochs: null" in text  # --steps outranks the recipe's epochs
     assert "name: lars" in text    # from the recipe (and SimCLR's paper defaults)
+    assert "proj_dim: 128" in text and "view: " in text   # every method option, defaults included
 
 
 def test_errors_name_the_value_and_the_fix(capsys, tmp_path):

@@ -244,8 +244,15 @@ def cmd_pretrain(args) -> int:
     from selfsup.train.loop import pretrain
 
     cfg = _pretrain_config(args)
-    if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if args.print_config:   # every method option with its value, defaults included
+        from dataclasses import asdict
+
+        from selfsup import methods
+
+        options = asdict(methods.get(cfg.method["name"]).make_config(cfg.method))
+        shown = {**to_dict(cfg), "method": {"name": cfg.method["name"],
+                                            **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}}
+        print(yaml.safe_dump(shown, sort_keys=False))
         return 0
     out = pretrain(cfg, args.out)
     if out is None:  # DDP: only global rank 0 reports

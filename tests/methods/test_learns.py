@@ -6,7 +6,10 @@ import torch
 from selfsup import backbones, methods
 from selfsup.config import OptimConfig
 from selfsup.data import load
+from selfsup.methods.base import StepInfo
 from selfsup.train.optim import build_optimizer
+
+INFO = StepInfo.at(0)   # the step these calls stand for (no schedule depends on it here)
 
 
 def _images(split, n):
@@ -18,7 +21,7 @@ def _images(split, n):
 def _held_out(method, images):
     """Pretext loss and accuracy on held-out images, eval-mode BN, the same augmentation draws each time."""
     method.eval()
-    out = method(method.views(images, torch.arange(len(images)), torch.Generator().manual_seed(123)))
+    out = method(method.views(images, torch.arange(len(images)), torch.Generator().manual_seed(123), INFO), INFO)
     method.train()
     return float(out["loss"]), float(out["pretext_acc"])
 
@@ -39,7 +42,7 @@ def fit(method, train, steps, batch, optim):
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         index = torch.randint(0, len(train), (batch,), generator=g)
-        loss = method(method.views(train[index], index, g))["loss"]
+        loss = method(method.views(train[index], index, g, INFO), INFO)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -7,7 +7,10 @@ from test_learns import _images, fit
 
 from selfsup import backbones, methods
 from selfsup.config import OptimConfig
+from selfsup.methods.base import StepInfo
 from selfsup.views.permutations import hamming_permutations
+
+INFO = StepInfo.at(0)   # the step these calls stand for (no schedule depends on it here)
 
 
 def _method(name, **params):
@@ -17,12 +20,12 @@ def _method(name, **params):
 
 
 def _head_input_and_loss(method, images):
-    views = method.views(images, torch.arange(len(images)), torch.Generator().manual_seed(0))
+    views = method.views(images, torch.arange(len(images)), torch.Generator().manual_seed(0), INFO)
     seen = []
     method.head[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     method.eval()
     with torch.no_grad():
-        out = method(views)
+        out = method(views, INFO)
         e = method.embed(method.backbone(views["patches"].flatten(0, 1))["pre_logits"]).view(len(images), 9, -1)
         logits = method.head(seen[0])
     return views, seen[0], e, out["loss"], logits
@@ -56,9 +59,9 @@ def _learn(name, steps, batch, **params):
 
     @torch.no_grad()
     def held_out():  # batch statistics (the head's BN running stats move slowly, momentum 0.003)
-        views = method.views(test, torch.arange(len(test)), torch.Generator().manual_seed(123))
+        views = method.views(test, torch.arange(len(test)), torch.Generator().manual_seed(123), INFO)
         torch.manual_seed(0)  # the same dropout mask before and after
-        out = method(views)
+        out = method(views, INFO)
         return float(out["loss"]), float(out["pretext_acc"])
 
     before = held_out()

@@ -12,10 +12,13 @@ from selfsup.config import OptimConfig
 from selfsup.data import load
 from selfsup.evaluate.knn import knn_predict
 from selfsup.losses import estimate_nce_z, nce_from_scores, nce_scores
+from selfsup.methods.base import StepInfo
 from selfsup.train.optim import build_optimizer
 from selfsup.views import pirl_views
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, rotate90, to_float
 from selfsup.views.pirl_views import jigsaw_view, pirl_geometry
+
+INFO = StepInfo.at(0)   # the step these calls stand for (no schedule depends on it here)
 
 
 def _method(name, num_images=64, width=0.125, **params):
@@ -80,7 +83,7 @@ def test_num_permutations_restricts_the_orders_to_the_hamming_set():
     from selfsup.views.permutations import hamming_permutations
 
     pirl = _method("pirl", num_permutations=10)
-    views = pirl.views(_random_images(200, 12), torch.arange(200) % 64, torch.Generator().manual_seed(0))
+    views = pirl.views(_random_images(200, 12), torch.arange(200) % 64, torch.Generator().manual_seed(0), INFO)
     allowed = {tuple(p) for p in hamming_permutations(10).tolist()}
     drawn = [tuple(p) for p in views["perms"].tolist()]
     assert set(drawn) == allowed                    # only the set's orders, and (200 draws of 10) all of them
@@ -101,7 +104,7 @@ def test_permuting_tiles_changes_g_but_not_the_tile_features():
 
 def test_rotation_branch_rotates_the_image_view_by_its_label():
     pirl = _method("pirl", transform="rotation")
-    views = pirl.views(_random_images(256, 16), torch.arange(256) % 64, torch.Generator().manual_seed(0))
+    views = pirl.views(_random_images(256, 16), torch.arange(256) % 64, torch.Generator().manual_seed(0), INFO)
     k, x, rotated = views["rotation"], views["x"], views["rotated"]
     assert torch.equal(rotated, rotate90(x, k))
     for i in range(8):
@@ -118,11 +121,11 @@ def test_kill_and_resume_equals_the_uninterrupted_run(name, params):
     def step(method, opt, s):
         g = torch.Generator().manual_seed(s)
         index = torch.randperm(n, generator=g)[:8]
-        out = method(method.views(images[index], index, g))
+        out = method(method.views(images[index], index, g, INFO), INFO)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        method.after_step(out, s)
+        method.after_step(out["state"], StepInfo.at(s))
         return float(out["loss"].detach())
 
     cfg = OptimConfig(name="sgd", lr=0.05)
@@ -185,7 +188,7 @@ def _held_out_pirl_task(pirl, images):
     g(v_I^t)'s NCE loss (eq. 3–4, its own image's f as the positive, all the others as negatives, Z estimated
     on these scores) and how often g(v_I^t) is nearest to its own image's f(v_I) (chance 1/len(images))."""
     pirl.eval()
-    v = pirl.views(images, torch.arange(len(images)) % pirl.num_images, torch.Generator().manual_seed(123))
+    v = pirl.views(images, torch.arange(len(images)) % pirl.num_images, torch.Generator().manual_seed(123), INFO)
     f, g = pirl.embed(v["x"]), pirl.rotation_embedding(v["rotated"])
     pirl.train()
     n = len(images)
@@ -204,11 +207,11 @@ def _train(method, images, steps, batch=32, lr=2e-3):
         index = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch))
         index = index[within * batch:(within + 1) * batch]
         g = torch.Generator().manual_seed(step)
-        out = method(method.views(images[index], index, g))
+        out = method(method.views(images[index], index, g, INFO), INFO)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        method.after_step(out, step)
+        method.after_step(out["state"], StepInfo.at(step))
 
 
 def test_npid_beats_its_random_init_on_knn():
@@ -249,7 +252,7 @@ def _branch_margin(pirl, images, reference, branch="jigsaw"):
     """_own_margin of a transformed branch's g(v_I^t) against ``reference(pirl, views)`` (the bank, or the
     images' own f(v_I))."""
     pirl.eval()
-    v = pirl.views(images, torch.arange(len(images)) % pirl.num_images, torch.Generator().manual_seed(123))
+    v = pirl.views(images, torch.arange(len(images)) % pirl.num_images, torch.Generator().manual_seed(123), INFO)
     g = pirl.jigsaw_embedding(v["tiles"]) if branch == "jigsaw" else pirl.rotation_embedding(v["rotated"])
     margin = _own_margin(g, reference(pirl, v))
     pirl.train()
@@ -297,7 +300,7 @@ def _view_margins(npid, images, held_out):
     """(_own_margin of f(v_I) against the bank on the training images, of one view's f against another view's
     on held-out images)."""
     npid.eval()
-    f = [npid.embed(npid.views(x, torch.arange(len(x)), torch.Generator().manual_seed(s))["x"])
+    f = [npid.embed(npid.views(x, torch.arange(len(x)), torch.Generator().manual_seed(s), INFO)["x"])
          for x, s in ((images, 1), (held_out, 1), (held_out, 2))]
     npid.train()
     return _own_margin(f[0], npid.bank.memory), _own_margin(f[1], f[2])

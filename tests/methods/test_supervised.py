@@ -13,8 +13,11 @@ from test_learns import fit  # the learns tests' seeded training loop
 from selfsup import backbones, methods
 from selfsup.config import OptimConfig, build
 from selfsup.data import load
+from selfsup.methods.base import StepInfo
 from selfsup.train.loop import pretrain
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
+
+INFO = StepInfo.at(0)   # the step these calls stand for (no schedule depends on it here)
 
 
 def _method(num_images, width=0.125, **params):
@@ -47,10 +50,10 @@ def test_loss_is_the_cross_entropy_of_the_classifier(smoothing):
     method.set_labels(labels, num_classes=5)
     method.eval()   # BN with running statistics: the same features in both computations
     index = torch.tensor([3, 7, 0, 11, 5, 5])
-    views = method.views(images[index], index, torch.Generator().manual_seed(1))
+    views = method.views(images[index], index, torch.Generator().manual_seed(1), INFO)
     assert views["x"].shape == (6, 3, 12, 12)
     assert torch.equal(views["y"], labels[index])        # the labels of the images the index points at
-    out = method(views)
+    out = method(views, INFO)
 
     with torch.no_grad():
         logits = method.head(method.backbone(views["x"])["pre_logits"])
@@ -68,19 +71,19 @@ def test_views_are_a_normalised_crop_and_flip_drawn_from_g():
     method = _method(8, crop_scale=(1.0, 1.0))   # area 100 %: the whole image, flipped or not
     method.set_labels(labels, num_classes=10)
     index = torch.arange(8)
-    x = method.views(images, index, torch.Generator().manual_seed(3))["x"]
+    x = method.views(images, index, torch.Generator().manual_seed(3), INFO)["x"]
     whole = normalize(to_float(images), IMAGENET_MEAN, IMAGENET_STD)
     same = (x - whole).abs().amax((1, 2, 3)) < 1e-5
     flipped = (x - whole.flip(-1)).abs().amax((1, 2, 3)) < 1e-5
     assert bool((same | flipped).all()) and same.any() and flipped.any()
-    again = method.views(images, index, torch.Generator().manual_seed(3))["x"]
+    again = method.views(images, index, torch.Generator().manual_seed(3), INFO)["x"]
     assert torch.equal(x, again)
 
 
 def test_labels_are_checked():
     method = _method(4, width=0.0625)
-    with pytest.raises(RuntimeError, match="set_labels"):
-        method.views(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.arange(2), torch.Generator())
+    with pytest.raises(RuntimeError, match="setup"):
+        method.views(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.arange(2), torch.Generator(), INFO)
     with pytest.raises(ValueError, match="expected 4 labels"):
         method.set_labels(torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="3 classes"):

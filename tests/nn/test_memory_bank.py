@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.nn import memory_bank
-from selfsup.nn.memory_bank import MemoryBank, exclude_from_ddp, full_state_dict, init_shard, sample_negatives
+from selfsup.nn.distributed import exclude_sharded_from_ddp, full_state_dict
+from selfsup.nn.memory_bank import MemoryBank, init_shard, sample_negatives
 
 
 def _unit(n, d, seed):
@@ -144,7 +145,7 @@ def _worker(rank, port, full_init, queue):
             refused = "shard" in str(e)
         # DDP must leave each rank's shard alone (it broadcasts rank 0's buffers unless told otherwise)
         holder = _Holder()
-        exclude_from_ddp(holder)
+        exclude_sharded_from_ddp(holder)
         before = holder.bank.memory.clone()
         ddp = nn.parallel.DistributedDataParallel(holder)
         ddp(torch.randn(2, DIM)).sum().backward()

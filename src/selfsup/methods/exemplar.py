@@ -48,7 +48,7 @@ from torch import nn
 
 from selfsup.config import NON_NEGATIVE, PROBABILITY, Range
 from selfsup.losses import triplet_semihard
-from selfsup.methods.base import REVISITING_OPTIM, Method
+from selfsup.methods.base import REVISITING_OPTIM, Method, StepInfo
 from selfsup.views.augment import PRESETS, make_view, to_float
 from selfsup.views.color import random_mean_gray
 from selfsup.views.patches import standardize_patches
@@ -76,7 +76,7 @@ class Exemplar(Method):
         self.view_cfg = PRESETS[cfg.view]
         self.head = nn.Linear(backbone.out_dim, cfg.embed_dim)   # their net's logits layer, num_classes=embed_dim
 
-    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
         channels_last = images.is_contiguous(memory_format=torch.channels_last)
         x = to_float(images)
         # grayscale decided once per image, before the copies are made, so all 8 share it (their to_gray)
@@ -89,7 +89,7 @@ class Exemplar(Method):
         labels = index.to(x.device).repeat_interleave(self.cfg.copies)
         return {"x": x, "labels": labels}
 
-    def forward(self, views: dict) -> dict:
+    def forward(self, views: dict, info: StepInfo) -> dict:
         z = self.head(self.backbone(views["x"])["pre_logits"]).float()
         z = F.normalize(z, dim=1)            # per vector; their axis=0 normalises over the batch (a bug)
         labels = views["labels"]

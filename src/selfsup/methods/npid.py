@@ -39,9 +39,9 @@ from torch import nn
 from selfsup.config import FRACTION_BELOW_ONE, Range, one_of
 from selfsup.errors import UserError
 from selfsup.losses import estimate_nce_z, nce_from_scores, nce_scores
-from selfsup.methods.base import Method
+from selfsup.methods.base import Method, StepInfo
 from selfsup.nn.distributed import is_distributed
-from selfsup.nn.memory_bank import MemoryBank, exclude_from_ddp, sample_negatives
+from selfsup.nn.memory_bank import MemoryBank, sample_negatives
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, ViewConfig, make_view
 from selfsup.views.pirl_views import pirl_image_view
 
@@ -113,7 +113,6 @@ class NPID(Method):
         self.bank = MemoryBank(num_images, cfg.embed_dim, cfg.momentum)
         self.z = NormalizingConstant(num_images, cfg.norm_constant)
         self.num_negatives = min(cfg.num_negatives, num_images - 1)
-        exclude_from_ddp(self)
 
     @classmethod
     def input_stats(cls, cfg) -> tuple[tuple, tuple, bool]:
@@ -130,7 +129,7 @@ class NPID(Method):
         neg = sample_negatives(index.cpu(), self.num_negatives, self.num_images, g, shared=self.cfg.shared_negatives)
         return neg.to(index.device)
 
-    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
         x = self.image_view(images, g)
         return {"x": x, "index": index, "negatives": self.negatives(index, g)}
 
@@ -148,13 +147,13 @@ class NPID(Method):
         rows = self.bank.lookup(torch.cat([index[:, None], neg], 1))
         return rows[:, 0], rows[:, 1:]
 
-    def forward(self, views: dict) -> dict:
+    def forward(self, views: dict, info: StepInfo) -> dict:
         f = self.embed(views["x"])
         positive, negatives = self.bank_entries(views)
         scores = nce_scores(f, positive, negatives, self.cfg.temperature)
         z = self.z(scores)
         loss = nce_from_scores(scores, self.num_images, z)
-        return {"loss": loss, **self.diagnostics(scores, z), "bank_index": views["index"], "bank_update": f.detach()}
+        return {"loss": loss, **self.diagnostics(scores, z), "state": {"index": views["index"], "f": f.detach()}}
 
     @staticmethod
     def diagnostics(scores: torch.Tensor, z: torch.Tensor) -> dict:
@@ -163,8 +162,8 @@ class NPID(Method):
             acc = (scores[:, 0] > scores[:, 1:].amax(1)).float().mean()
         return {"pretext_acc": acc, "nce_z": z.detach()}
 
-    def after_step(self, out: dict, step: int) -> None:
-        self.bank.update(out["bank_index"], out["bank_update"])
+    def after_step(self, state: dict, info: StepInfo) -> None:
+        self.bank.update(state["index"], state["f"])   # m_I <- normalise(0.5 m_I + 0.5 f(v_I))
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.config import FRACTION_BELOW_ONE, NON_NEGATIVE, PROBABILITY, Range
-from selfsup.methods.base import Method
+from selfsup.methods.base import Method, StepInfo
+from selfsup.nn.heads import HeadSpec, build_head
 from selfsup.views.augment import to_float
 from selfsup.views.color import random_mean_gray
 from selfsup.views.patches import extract_patches, patch_geometry, standardize_patches
@@ -46,8 +47,8 @@ class PatchTaskConfig:
 
 
 def fc_head(in_dim: int, hidden: int, classes: int, dropout: float) -> nn.Sequential:
-    head = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden, eps=1e-5, momentum=0.003),
-                         nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, classes))
+    head = build_head(in_dim, HeadSpec(out_dim=classes, hidden_dim=hidden, bn="hidden", bn_momentum=0.003,
+                                       dropout=dropout))   # Linear → BN → ReLU → Dropout → Linear
     for layer, bias in ((head[0], 0.1), (head[4], 0.0)):
         nn.init.trunc_normal_(layer.weight, std=0.005, a=-0.01, b=0.01)
         nn.init.constant_(layer.bias, bias)
@@ -68,7 +69,7 @@ class PatchTask(Method):
         self.head = fc_head(self.tuple_len * cfg.embed_dim, cfg.hidden, self.num_classes, cfg.dropout)
         self.weight_decay_overrides = {"head.": cfg.head_weight_decay}
 
-    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
         x = random_mean_gray(to_float(images), self.cfg.gray_p, g)
         geom = patch_geometry(self.cfg.size or images.shape[-1])  # resizes the images when size is set
         patches = standardize_patches(extract_patches(x, geom, g))           # B×9×C×p×p
@@ -83,7 +84,7 @@ class PatchTask(Method):
     def tuples(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The patch-index tuples (m×k) to classify for every image of the batch, and their labels (m)."""
 
-    def forward(self, views: dict) -> dict:
+    def forward(self, views: dict, info: StepInfo) -> dict:
         patches, tuples, labels = views["patches"], views["tuples"], views["labels"]
         b, n = patches.shape[:2]
         e = self.embed(self.backbone(patches.flatten(0, 1))["pre_logits"]).view(b, n, -1)   # B×9×E

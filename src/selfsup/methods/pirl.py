@@ -47,6 +47,7 @@ from torch import nn
 
 from selfsup.config import PROBABILITY, Range, one_of
 from selfsup.losses import nce_scores, pirl_loss
+from selfsup.methods.base import StepInfo
 from selfsup.methods.npid import NPID, PIRL_OPTIM, NPIDConfig
 from selfsup.views.augment import rotate90
 from selfsup.views.permutations import hamming_permutations
@@ -87,7 +88,7 @@ class PIRL(NPID):
         # the ablation's fixed set: the greedy maximal-Hamming set of Noroozi & Favaro (seed 0), never trained
         self.permutations = None if cfg.num_permutations is None else hamming_permutations(cfg.num_permutations)
 
-    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
         x = self.image_view(images, g)
         out = {"x": x, "index": index}
         if self.jigsaw:
@@ -113,7 +114,7 @@ class PIRL(NPID):
     def rotation_embedding(self, rotated: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.rotation_head(self.backbone(rotated)["pre_logits"]).float(), dim=1)
 
-    def forward(self, views: dict) -> dict:
+    def forward(self, views: dict, info: StepInfo) -> dict:
         f = self.embed(views["x"])
         transformed = []
         if self.jigsaw:
@@ -128,4 +129,4 @@ class PIRL(NPID):
         with torch.no_grad():  # how close g(v_I^t) and f(v_I) are: the invariance PIRL asks for
             invariance = torch.stack([(t * f).sum(1).mean() for t in transformed]).mean()
         return {"loss": loss, **self.diagnostics(t_scores[0], z), "image_acc": self.diagnostics(i_scores, z)
-                ["pretext_acc"], "invariance": invariance, "bank_index": views["index"], "bank_update": f.detach()}
+                ["pretext_acc"], "invariance": invariance, "state": {"index": views["index"], "f": f.detach()}}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.methods.base import REVISITING_OPTIM, Method
+from selfsup.methods.base import REVISITING_OPTIM, Method, StepInfo
 from selfsup.views.augment import PRESETS, make_view, rotate90
 
 
@@ -43,14 +43,14 @@ class Rotation(Method):
         self.head = nn.Linear(backbone.out_dim, 4)
         self.view_cfg = PRESETS[cfg.view]
 
-    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
         cfg = dataclasses.replace(self.view_cfg, size=self.cfg.size or images.shape[-1])
         x = make_view(images, cfg, g=g)
         b = x.shape[0]
         labels = torch.arange(4, device=x.device).repeat_interleave(b)   # 0…0, 1…1, 2…2, 3…3
         return {"x": rotate90(x.repeat(4, 1, 1, 1), labels), "labels": labels}
 
-    def forward(self, views: dict) -> dict:
+    def forward(self, views: dict, info: StepInfo) -> dict:
         logits = self.head(self.backbone(views["x"])["pre_logits"])
         loss = F.cross_entropy(logits.float(), views["labels"])
         acc = (logits.argmax(1) == views["labels"]).float().mean()

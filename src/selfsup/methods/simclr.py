@@ -18,11 +18,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from selfsup.config import Range
 from selfsup.losses import nt_xent
-from selfsup.methods.base import Method
+from selfsup.methods.base import Method, StepInfo
+from selfsup.nn.heads import SIMCLR_V1, build_head
 from selfsup.views.augment import PRESETS, make_view
 
 
@@ -46,18 +46,15 @@ class SimCLR(Method):
     def __init__(self, backbone, cfg: SimCLRConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)
         dim = backbone.out_dim
-        hidden = cfg.proj_hidden or dim
-        self.projector = nn.Sequential(
-            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, cfg.proj_dim),
-        )
+        self.projector = build_head(dim, dataclasses.replace(SIMCLR_V1, hidden_dim=cfg.proj_hidden,
+                                                             out_dim=cfg.proj_dim))
         self.view_cfg = PRESETS[cfg.view]
 
-    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
         cfg = dataclasses.replace(self.view_cfg, size=self.cfg.size or images.shape[-1])
         return {"x1": make_view(images, cfg, g=g), "x2": make_view(images, cfg, g=g)}
 
-    def forward(self, views: dict) -> dict:
+    def forward(self, views: dict, info: StepInfo) -> dict:
         x = torch.cat([views["x1"], views["x2"]])
         z = self.projector(self.backbone(x)["pre_logits"])
         z1, z2 = z.chunk(2)

@@ -21,16 +21,16 @@ What we scaled, documented:
 - the ×0.1 steps are at epochs 30 and 60 (``optim.milestones``) and the run length is ``train.epochs``
   (90 in the recipe, not set here); for a shorter run put the milestones at 1/3 and 2/3 of it.
 
-Labels reach the method through the loop: a method with ``needs_labels = True`` gets
-``set_labels(labels, num_classes)`` with the labels of the training images in the index order that
-``views`` receives (after any ``data.per_class`` subset). They are a non-persistent buffer — they come
-from the data on every run, so checkpoints hold weights only.
+Labels reach the method through the contract's ``setup(train_set)``: the labels of the training
+images in the index order that ``views`` receives (after any ``data.per_class`` subset). They are a
+non-persistent buffer — they come from the data on every run, so checkpoints hold weights only.
 
 Example::
 
     method = Supervised(backbone, SupervisedConfig(), num_images=len(data))
-    method.set_labels(torch.as_tensor(data.labels), num_classes=len(data.classes))
-    out = method(method.views(images_uint8, index, g))   # {"loss", "train_acc"}
+    method.set_labels(torch.as_tensor(data.labels), num_classes=len(data.classes))   # what setup() does
+    info = StepInfo.at(0)
+    out = method(method.views(images_uint8, index, g, info), info)   # {"loss", "train_acc"}
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from torch import nn
 
 from selfsup.config import FRACTION_BELOW_ONE, POSITIVE, PROBABILITY, Range
 from selfsup.errors import UserError
-from selfsup.methods.base import Method
+from selfsup.methods.base import Method, StepInfo, TrainSet
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, ViewConfig, make_view
 
 # torchvision's reference ImageNet recipe (references/classification/train.py defaults, the recipe of the
@@ -71,7 +71,6 @@ class Supervised(Method):
     limits = {"crop_scale": Range(0, 1, low_open=True), "crop_ratio": POSITIVE, "flip_p": PROBABILITY,
               "label_smoothing": FRACTION_BELOW_ONE}
     optim_defaults = SUPERVISED_OPTIM
-    needs_labels = True   # the loop calls set_labels() before training
 
     def __init__(self, backbone, cfg: SupervisedConfig, num_images: int):
         super().__init__(backbone, cfg, num_images)
@@ -79,6 +78,14 @@ class Supervised(Method):
         self.register_buffer("labels", torch.empty(0, dtype=torch.long), persistent=False)
         # identical on every rank: keep DDP from broadcasting the table before each forward
         self._ddp_params_and_buffers_to_ignore = ["labels"]
+
+    def setup(self, train_set: TrainSet) -> None:
+        """The labels of the pretraining images (Method contract); refuses an unlabelled split by name."""
+        if train_set.num_classes < 2:
+            raise UserError(f"method 'supervised' trains on labels, but {train_set.name} has "
+                            f"{train_set.num_classes} class(es): point data.name at a labelled dataset "
+                            f"(<class>/<file> folders, two or more classes) or choose a self-supervised method")
+        self.set_labels(train_set.labels, num_classes=train_set.num_classes)
 
     def set_labels(self, labels: torch.Tensor, num_classes: int | None = None) -> None:
         """The class of every training image, in the order ``views``'s ``index`` points into, and builds
@@ -110,9 +117,9 @@ class Supervised(Method):
     def input_stats(cls, cfg) -> tuple[tuple, tuple, bool]:
         return IMAGENET_MEAN, IMAGENET_STD, False
 
-    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator) -> dict:
+    def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
         if self.labels.numel() == 0:
-            raise RuntimeError("method 'supervised' has no labels: call set_labels(labels) first (the loop does)")
+            raise RuntimeError("method 'supervised' has no labels: call setup(train_set) first (the loop does)")
         c = self.cfg
         # views.augment.INCEPTION_CROP_FLIP (RandomResizedCrop + RandomHorizontalFlip, ImageNet mean/std) at our size
         view = ViewConfig(size=c.size or images.shape[-1], crop_scale=tuple(c.crop_scale),
@@ -120,9 +127,9 @@ class Supervised(Method):
         x = make_view(images, view, g=g)
         return {"x": x, "y": self.labels[index.to(self.labels.device)]}
 
-    def forward(self, views: dict) -> dict:
+    def forward(self, views: dict, info: StepInfo) -> dict:
         if self.head is None:
-            raise RuntimeError("method 'supervised' has no classifier: call set_labels(labels) first (the loop does)")
+            raise RuntimeError("method 'supervised' has no classifier: call setup(train_set) first (the loop does)")
         logits = self.head(self.backbone(views["x"])["pre_logits"])
         loss = F.cross_entropy(logits.float(), views["y"], label_smoothing=self.cfg.label_smoothing)
         acc = (logits.argmax(1) == views["y"]).float().mean()

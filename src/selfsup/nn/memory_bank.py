@@ -26,10 +26,11 @@ chunks of rows, each from its own seeded generator, and negatives come from the 
 The shard is a registered buffer, so ``state_dict()`` resumes it exactly. The state also carries a
 ``shard`` tensor (rank, world, |D|): loading accepts a whole bank (from a single-process run: each rank
 keeps its rows) or this very shard, and refuses another rank's shard with a message rather than silently
-training on the wrong rows. A checkpoint written from ``full_state_dict(module)`` (a collective that
-gathers the shards to rank 0 for the write) resumes on any number of processes. ``exclude_from_ddp(module)``
-keeps DDP from broadcasting rank 0's shard over the others' (DDP broadcasts buffers from rank 0 at
-construction and before every forward).
+training on the wrong rows. The bank is a :class:`~selfsup.nn.distributed.ShardedState`: a
+checkpoint written from ``full_state_dict(module)`` (a collective that gathers the shards to rank 0 for the
+write) resumes on any number of processes, and ``exclude_sharded_from_ddp(module)`` keeps DDP from
+broadcasting rank 0's shard over the others' (DDP broadcasts buffers from rank 0 at construction and before
+every forward); the training loop does both for every method.
 
 Example::
 
@@ -97,6 +98,8 @@ def sample_negatives(positives: Tensor, num: int, size: int, g: torch.Generator,
 
 class MemoryBank(nn.Module):
     """|D| × dim unit vectors, this rank's interleaved shard in the buffer ``memory`` (see the module doc)."""
+
+    sharded_buffers = ("memory",)   # selfsup.nn.distributed.ShardedState: each rank holds its own rows
 
     def __init__(self, size: int, dim: int = 128, momentum: float = 0.5, seed: int | None = None):
         super().__init__()
@@ -183,6 +186,11 @@ class MemoryBank(nn.Module):
             full[r::self.world] = part[: len(range(r, self.size, self.world))].cpu()
         return full
 
+    def full_state(self) -> dict[str, Tensor] | None:
+        """ShardedState: the whole bank labelled as a single-process one, on rank 0 (a collective)."""
+        full = self.gather_full()
+        return None if full is None else {"memory": full, "shard": torch.tensor([0, 1, self.size])}
+
     # ------------------------------------------------------------------ state: the shard, labelled
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -211,25 +219,3 @@ class MemoryBank(nn.Module):
             error_msgs.append(f"{key}: the checkpoint holds shard {rank} of {world} of the memory bank, this "
                               f"process is shard {self.rank} of {self.world}. Resume with the number of processes "
                               f"that wrote it, from a checkpoint that saved every rank's shard")
-
-
-def exclude_from_ddp(module: nn.Module) -> None:
-    """Keep DDP from overwriting every rank's bank shard with rank 0's (it broadcasts buffers from rank 0
-    when it wraps the module and before each forward): list the banks' buffers in the attribute DDP reads,
-    ``_ddp_params_and_buffers_to_ignore`` (names relative to ``module``, the module DDP will wrap)."""
-    names = [f"{name}.memory" if name else "memory" for name, m in module.named_modules() if isinstance(m, MemoryBank)]
-    module._ddp_params_and_buffers_to_ignore = sorted(set(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
-                                                      | set(names))
-
-
-def full_state_dict(module: nn.Module) -> dict | None:
-    """``module.state_dict()`` with every memory bank whole (labelled as a single-process bank), on rank 0;
-    None on the other ranks. A collective: every rank must call it. Such a checkpoint resumes on any number
-    of processes, each keeping its own rows (``MemoryBank._load_from_state_dict``)."""
-    state = module.state_dict()
-    for name, m in module.named_modules():
-        if isinstance(m, MemoryBank):
-            full, prefix = m.gather_full(), f"{name}." if name else ""
-            if full is not None:
-                state[prefix + "memory"], state[prefix + "shard"] = full, torch.tensor([0, 1, m.size])
-    return state if rank_and_world()[0] == 0 else None

@@ -29,7 +29,8 @@ from selfsup.data.loader import DeviceImages
 from selfsup.data.registry import per_class_subset
 from selfsup.durable import check_free_space, check_writable
 from selfsup.errors import Preempted, UserError
-from selfsup.nn.memory_bank import full_state_dict
+from selfsup.methods.base import StepInfo, TrainSet
+from selfsup.nn.distributed import exclude_sharded_from_ddp, full_state_dict
 from selfsup.train import checkpoint
 from selfsup.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from selfsup.train.preempt import StopSignals, check_requeue, requeue
@@ -51,6 +52,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 7_919 + epoch)
     return torch.randperm(num_images, generator=g)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of ``epoch_start``'s generator (k-means initialisation, ...): one per (seed, epoch)."""
+    return (seed * 1_000_033 + epoch * 104_729 + 17) % (2**63 - 1)
 
 
 def make_fabric(cfg: RunConfig):
@@ -96,7 +102,7 @@ def check_same_run(cfg: RunConfig, out: Path) -> None:
                         f"settings, or pass a new --out for a new run.")
 
 
-def export_backbone(method, cfg: RunConfig, path: Path) -> None:
+def export_backbone(backbone: torch.nn.Module, cfg: RunConfig, path: Path) -> None:
     """The trained backbone alone, in safetensors with its architecture in the metadata, so that
     ``selfsup evaluate`` and other tools can rebuild it without this run's config."""
     import json
@@ -106,7 +112,7 @@ def export_backbone(method, cfg: RunConfig, path: Path) -> None:
             "mean": json.dumps(mean), "std": json.dumps(std), "standardize": json.dumps(standardize)}
     tmp = path.with_suffix(".tmp")
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in method.backbone.state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
                   str(tmp), metadata=meta)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -156,18 +162,15 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     torch.manual_seed(t.seed)  # identical initial weights on every rank and every restart
     backbone = backbones.build(cfg.backbone.name, width=cfg.backbone.width, cifar_stem=cfg.backbone.cifar_stem,
                                **cfg.backbone.options)
-    method = methods.build(cfg.method["name"], backbone, cfg.method, num_images=n)
-    if getattr(method, "needs_labels", False):  # the supervised baseline: labels of the images `index` points into
-        if len(data.classes) < 2:
-            raise UserError(f"method {method.name!r} trains on labels, but {cfg.data.name!r} ({cfg.data.split} split) "
-                            f"has {len(data.classes)} class(es): point data.name at a labelled dataset "
-                            f"(<class>/<file> folders, two or more classes) or choose a self-supervised method")
-        method.set_labels(images.labels, num_classes=len(data.classes))
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    method = methods.build(cfg.method["name"], backbone, cfg.method, num_images=n)
     method = method.to(fabric.device, memory_format=memory_format)
+    method.setup(TrainSet(n, torch.as_tensor(images.labels).long().to(fabric.device), len(data.classes), images,
+                          fabric.device, rank, world, f"{cfg.data.name!r} ({cfg.data.split} split)"))
     with torch.no_grad():  # crop and patch sizes against these images: fail here, not at step 1 of a queued job
         probe = torch.arange(min(2, n), device=fabric.device)
-        method.views(images.get(probe), probe, torch.Generator().manual_seed(0))
+        method.views(images.get(probe), probe, torch.Generator().manual_seed(0),
+                     StepInfo.at(0, steps_per_epoch, total, t.seed))
     base_lr = scaled_lr(cfg.optim, t.batch_size)
     optimizer = build_optimizer(method, cfg.optim, base_lr)
     slots = 2 if cfg.optim.name == "adamw" else 1
@@ -186,6 +189,7 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
         fabric.print(f"resuming {out} from step {start}")
     if t.compile:
         method.backbone.compile()
+    exclude_sharded_from_ddp(method)
     model, optimizer = fabric.setup(method, optimizer)
     raw = model.module  # views() and after_step() are not forward passes: call them on the raw module
 
@@ -207,11 +211,13 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     model.train()
     with StopSignals() as stop:
         for step in range(start, total):
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(n, t.seed, epoch), epoch
-            index = order[within * t.batch_size:(within + 1) * t.batch_size][rank * local_batch:
-                                                                             (rank + 1) * local_batch]
+            info = StepInfo.at(step, steps_per_epoch, total, t.seed)
+            if info.epoch != order_epoch:
+                order, order_epoch = epoch_order(n, t.seed, info.epoch), info.epoch
+            if info.within == 0:   # an epoch begins (a run resumed mid-epoch has its results in the checkpoint)
+                raw.epoch_start(info, torch.Generator().manual_seed(epoch_seed(t.seed, info.epoch)))
+            index = order[info.within * t.batch_size:(info.within + 1) * t.batch_size][rank * local_batch:
+                                                                                       (rank + 1) * local_batch]
             seed = step_seed(t.seed, step, rank)
             torch.manual_seed(seed)                      # dropout and any other in-model randomness
             g = torch.Generator().manual_seed(seed)      # augmentation parameters
@@ -219,9 +225,10 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
             set_lr(optimizer, lr)
 
             with torch.no_grad():
-                views = raw.views(images.get(index.to(fabric.device)), index.to(fabric.device), g)
+                views = raw.views(images.get(index.to(fabric.device)), index.to(fabric.device), g, info)
                 views = {k: v.contiguous(memory_format=memory_format) if v.ndim == 4 else v for k, v in views.items()}
-            out_step = model(views)
+            out_step = model(views, info)
+            state = out_step.pop("state", {})
             loss = out_step["loss"]
             bad = (~torch.isfinite(loss.detach())).float()
             if world > 1:  # every rank must stop at the same step, or the others would hang in the next collective
@@ -234,13 +241,14 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
                     f"data.")
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
+            raw.before_optimizer_step(info)
             optimizer.step()
-            raw.after_step(out_step, step)
+            raw.after_step(state, info)
             images_since_log += t.batch_size
 
             done = step + 1
             if done % t.log_every == 0 or done == total:
-                scalars = {k: float(v.detach()) for k, v in out_step.items() if torch.is_tensor(v) and v.numel() == 1}
+                scalars = {k: float(v.detach()) for k, v in out_step.items()}
                 rate = progress.update(done, images_since_log, scalars)
                 images_since_log = 0
                 if log is not None:
@@ -267,6 +275,6 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     if fabric.is_global_zero:
         if start == total:
             fabric.print(f"{out} is already complete ({total} steps)")
-        export_backbone(raw, cfg, out / "backbone.safetensors")
+        export_backbone(raw.export(), cfg, out / "backbone.safetensors")
     fabric.barrier()
     return out if fabric.is_global_zero else None
