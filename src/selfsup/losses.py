@@ -171,3 +171,44 @@ def pirl_loss(image_scores: torch.Tensor, transformed_scores: torch.Tensor | lis
     # no shortcut at λ = 0 or 1: a zero-weighted term still puts its head in the graph, which DDP requires
     transformed = torch.stack([nce_from_scores(s, num_items, z) for s in transformed_scores]).mean()
     return lam * transformed + (1.0 - lam) * image
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE against a set of negatives (van den Oord et al. 2018), as MoCo trains it (He et al. 2020, §3.1,
+    eq. 1, Algorithm 1): with q, k₊ and the negatives k_i L2-normalised,
+
+        L_q = −log exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_{i=1}^{K} exp(q·k_i/τ)),
+
+    i.e. cross-entropy over the logits [q·k₊, q·k_1 … q·k_K]/τ with label 0, averaged over the batch.
+    ``query`` and ``key`` are B × d, ``negatives`` K × d (MoCo's queue, shared by every query) or B × K × d
+    (per-query negatives, a memory bank's draws). They are normalised here; the keys carry no gradient in
+    MoCo (the caller passes them detached). InsDis (Wu et al. 2018 as PyContrast trains it) is the same
+    softmax with the key a bank entry.
+
+    Example::
+
+        loss = info_nce(q, k.detach(), queue.keys(), temperature=0.2)
+    """
+    q, k = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
+    n = F.normalize(negatives.float(), dim=-1)
+    positive = (q * k).sum(1, keepdim=True)                                    # B × 1
+    negative = q @ n.T if n.dim() == 2 else torch.einsum("bd,bkd->bk", q, n)   # B × K
+    logits = torch.cat([positive, negative], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss (Grill et al. 2020, §3.1, eq. 2): the mean squared error between the
+    L2-normalised online prediction q̄ and target projection z̄′,
+
+        L = ‖q̄ − z̄′‖² = 2 − 2·⟨q, z′⟩ / (‖q‖·‖z′‖),
+
+    averaged over the batch. The target carries no gradient (the caller passes it detached: sg(z′)); BYOL's
+    loss is symmetrised over the two views by the caller, L + L̃ (eq. 2–3).
+
+    Example::
+
+        loss = byol_loss(predictor(z1), target_z2.detach()) + byol_loss(predictor(z2), target_z1.detach())
+    """
+    p, z = F.normalize(prediction.float(), dim=1), F.normalize(target.float(), dim=1)
+    return (2 - 2 * (p * z).sum(1)).mean()

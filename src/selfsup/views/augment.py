@@ -293,10 +293,29 @@ INCEPTION_SLIM = ViewConfig(
 )
 INCEPTION_ROTATION = EXEMPLAR = INCEPTION_SLIM
 
+#: MoCo v1 views (He et al. 2020, §4; facebookresearch/moco main_moco.py without --aug-plus): crop scale (0.2, 1),
+#: grayscale 0.2, ColorJitter(0.4, 0.4, 0.4, 0.4) always, flip. Their code grays before it jitters; ours jitters
+#: first (make_view's fixed order): on a grayed image only brightness and contrast act in either order.
+MOCO_V1 = ViewConfig(size=224, crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
+
+#: MoCo v2's "aug+" (Chen et al. 2020, "Improved Baselines", §3; main_moco.py --aug-plus): crop (0.2, 1),
+#: ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, Gaussian blur sigma (0.1, 2) with p 0.5, flip.
+MOCO_V2 = ViewConfig(size=224, crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+                     blur_p=0.5)
+
+#: BYOL's two asymmetric views (Grill et al. 2020, App. B, Table 6): crop (0.08, 1) + flip, colour jitter
+#: (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, then blur p 1.0 / 0.1 and solarize p 0 / 0.2.
+BYOL_1 = ViewConfig(size=224, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=1.0)
+BYOL_2 = ViewConfig(size=224, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.1, solarize_p=0.2)
+
 #: Presets by the name a method config uses (``method.view``).
 PRESETS: dict[str, ViewConfig] = {
     "simclr": SIMCLR,
     "simclr_cifar": SIMCLR_CIFAR,
+    "moco_v1": MOCO_V1,
+    "moco_v2": MOCO_V2,
+    "byol_1": BYOL_1,
+    "byol_2": BYOL_2,
     "inception_crop_flip": INCEPTION_CROP_FLIP,
     "inception_rotation": INCEPTION_ROTATION,
     "exemplar": EXEMPLAR,
