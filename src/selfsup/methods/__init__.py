@@ -6,6 +6,7 @@ from selfsup.errors import UserError
 from selfsup.methods.base import Method
 from selfsup.methods.exemplar import Exemplar
 from selfsup.methods.jigsaw import Jigsaw
+from selfsup.methods.moco import MoCo, MoCoV2
 from selfsup.methods.npid import NPID, NPIDPlusPlus
 from selfsup.methods.pirl import PIRL
 from selfsup.methods.relative_patch import RelativePatchLocation
@@ -14,7 +15,7 @@ from selfsup.methods.simclr import SimCLR
 from selfsup.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
-                                                        NPIDPlusPlus, PIRL, Supervised)}
+                                                        NPIDPlusPlus, PIRL, Supervised, MoCo, MoCoV2)}
 
 
 def get(name: str) -> type[Method]:

@@ -92,6 +92,7 @@ class TrainSet:
     rank: int = 0
     world: int = 1
     name: str = "the training set"   # for messages: "'cifar10' (train split)"
+    batch_size: int = 0              # the global batch of a training step (a queue must be a multiple of it)
 
     def encode(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

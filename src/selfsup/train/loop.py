@@ -166,7 +166,7 @@ def pretrain(cfg: RunConfig, out: str | Path) -> Path | None:
     method = methods.build(cfg.method["name"], backbone, cfg.method, num_images=n)
     method = method.to(fabric.device, memory_format=memory_format)
     method.setup(TrainSet(n, torch.as_tensor(images.labels).long().to(fabric.device), len(data.classes), images,
-                          fabric.device, rank, world, f"{cfg.data.name!r} ({cfg.data.split} split)"))
+                          fabric.device, rank, world, f"{cfg.data.name!r} ({cfg.data.split} split)", t.batch_size))
     with torch.no_grad():  # crop and patch sizes against these images: fail here, not at step 1 of a queued job
         probe = torch.arange(min(2, n), device=fabric.device)
         method.views(images.get(probe), probe, torch.Generator().manual_seed(0),
