@@ -19,16 +19,25 @@ COMMAND = [sys.executable, "-m", "selfsup.cli", "pretrain", "simclr", "--data", 
            "--no-progress", "method.view=simclr_cifar", "method.size=16", "train.log_every=1"]
 
 
-def _run(out, env):
-    subprocess.run([*COMMAND, "--out", str(out)], check=True, env=env, capture_output=True)
+# MoCo on 40 images (4 per class), batch 16: 2 steps an epoch, so the kill after step 4 falls right after an
+# epoch boundary, with the key encoder, the queue and its pointer in the checkpoint
+MOCO = [sys.executable, "-m", "selfsup.cli", "pretrain", "moco", "--data", "sample", "--backbone", "resnet18",
+        "--width", "0.125", "--cifar-stem", "--steps", "8", "--batch-size", "16", "--checkpoint-every", "2",
+        "--no-progress", "method.view=simclr_cifar", "method.size=16", "method.queue_size=32", "data.per_class=4",
+        "train.log_every=1"]
 
 
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+def _run(out, env, command=COMMAND):
+    subprocess.run([*command, "--out", str(out)], check=True, env=env, capture_output=True)
+
+
+@pytest.mark.parametrize("command", [COMMAND, MOCO], ids=["simclr", "moco-at-an-epoch-boundary"])
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, command):
     env = {**os.environ, "SELFSUP_HOME": str(tmp_path / "home")}
-    _run(tmp_path / "straight", env)
+    _run(tmp_path / "straight", env, command)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*COMMAND, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*command, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-00000004").exists():
@@ -37,7 +46,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)  # mid-run: steps 5-8 and the export have not happened
     proc.wait()
     assert not (killed / "backbone.safetensors").exists()
-    _run(killed, env)
+    _run(killed, env, command)
 
     a = load_file(str(tmp_path / "straight" / "backbone.safetensors"))
     b = load_file(str(killed / "backbone.safetensors"))
