@@ -97,6 +97,7 @@ def build(
     width: float = 1.0,
     cifar_stem: bool = False,
     representation_dim: int | None = None,
+    representation_relu: bool = False,
     **kw: Any,
 ) -> Backbone:
     """Build a backbone by name.
@@ -110,6 +111,7 @@ def build(
             through one extra linear layer (bias, no BN/activation) to this many dims, which becomes the
             ``"pre_logits"`` tap and ``out_dim``; the previous pooled vector is the ``"pooled"`` tap.
             ``None`` (default) builds the plain family network with unchanged state-dict keys.
+        representation_relu: a ReLU after that layer (SimCLR v2's exported projector layer).
         **kw: family options: ``first_conv_stride1``, ``last_stage_stride1``, ``final_relu``,
             ``zero_init_residual`` (ResNet/RevNet), ``memory_saving`` (RevNet).
     """
@@ -118,6 +120,8 @@ def build(
         raise UserError(f"unknown backbone {name!r}; available: {', '.join(_REGISTRY)}")
     factory, _ = _REGISTRY[key]
     net = factory(width=width, cifar_stem=cifar_stem, **kw)
+    if representation_relu and representation_dim is None:
+        raise UserError("representation_relu needs representation_dim (the layer the ReLU follows)")
     if representation_dim is not None:
-        net.add_representation(representation_dim)
+        net.add_representation(representation_dim, relu=representation_relu)
     return net

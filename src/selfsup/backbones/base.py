@@ -36,6 +36,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import UserError
@@ -86,13 +87,15 @@ class Backbone(nn.Module, abc.ABC):
         rep = self._modules.get(REPRESENTATION)
         return rep if isinstance(rep, nn.Linear) else None
 
-    def add_representation(self, dim: int) -> nn.Linear:
+    def add_representation(self, dim: int, relu: bool = False) -> nn.Linear:
         """Set the pre-logits size to ``dim`` independently of the width (Kolesnikov et al. 2019).
 
         Appends one linear layer (with bias, no normalisation or activation) from the pooled features
-        to ``dim`` dims. The old pooled vector is renamed to the ``"pooled"`` tap, placed just before
-        ``"pre_logits"``, so layer-wise probes still see it; ``taps["pre_logits"]`` and :attr:`out_dim`
-        become ``dim``. The layer is created on the device and dtype of the backbone's parameters.
+        to ``dim`` dims; ``relu=True`` puts a ReLU after it (SimCLR v2's export of its projector's first
+        layer, ``methods.simclr_v2``: without it the layer would be an affine map a linear probe undoes).
+        The old pooled vector is renamed to the ``"pooled"`` tap, placed just before ``"pre_logits"``, so
+        layer-wise probes still see it; ``taps["pre_logits"]`` and :attr:`out_dim` become ``dim``. The layer
+        is created on the device and dtype of the backbone's parameters.
         """
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise UserError(f"representation_dim must be a positive int, got {dim!r}")
@@ -105,6 +108,7 @@ class Backbone(nn.Module, abc.ABC):
         nn.init.xavier_uniform_(layer.weight)
         nn.init.zeros_(layer.bias)
         self.add_module(REPRESENTATION, layer)
+        self.representation_relu = relu
         taps = {k: v for k, v in self.taps.items() if k != PRE_LOGITS}
         taps[POOLED] = pooled
         taps[PRE_LOGITS] = dim
@@ -122,7 +126,7 @@ class Backbone(nn.Module, abc.ABC):
             if name == POOLED:
                 return self.run_stage(PRE_LOGITS, x)
             if name == PRE_LOGITS:
-                return rep(x)
+                return F.relu(rep(x)) if self.representation_relu else rep(x)
         return self.run_stage(name, x)
 
     def check_taps(self, taps: str | Iterable[str]) -> list[str]:

@@ -7,15 +7,17 @@ from selfsup.methods.base import Method
 from selfsup.methods.exemplar import Exemplar
 from selfsup.methods.jigsaw import Jigsaw
 from selfsup.methods.moco import MoCo, MoCoV2
-from selfsup.methods.npid import NPID, NPIDPlusPlus
+from selfsup.methods.npid import NPID, InsDis, NPIDPlusPlus
 from selfsup.methods.pirl import PIRL
 from selfsup.methods.relative_patch import RelativePatchLocation
 from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR
+from selfsup.methods.simclr_v2 import SimCLRv2
 from selfsup.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
-                                                        NPIDPlusPlus, PIRL, Supervised, MoCo, MoCoV2)}
+                                                        NPIDPlusPlus, PIRL, Supervised, MoCo, MoCoV2, SimCLRv2,
+                                                        InsDis)}
 
 
 def get(name: str) -> type[Method]:

@@ -23,13 +23,37 @@ Options beyond the papers: ``norm_constant`` ("first_batch", VISSL; "every_step"
 batch; "none" is eq. 3 as printed, Z = 1) and ``shared_negatives`` (one set of N negatives for the whole
 batch instead of N per sample: B× less gathering and memory; the negatives may then include a sample's own
 image, with probability N/|D|). N is capped at |D| − 1: negatives are drawn with replacement from the
-other images, and N/|D| ≤ 1 keeps the prior of eq. 3 a probability ratio.
+other images, and N/|D| ≤ 1 keeps the prior of eq. 3 a probability ratio. A bank that large for its data (N ≥
+|D| − 1, e.g. the ImageNet defaults on a small set) trains, but ``setup`` warns once (rank 0): every sample is then
+compared at every step with draws from all the other images, bank entries written up to an epoch ago, and the
+small-data recipes pass a smaller ``num_negatives``.
+
+``insdis``: InsDis as PyContrast trains it (Tian et al. 2020, HobbitLong/PyContrast ``--method InsDis``), the
+checkpoint Ericsson et al. 2021 evaluate (59.5 % ImageNet linear). The same f, bank and update as NPID (their
+``RGBMem``: ``--mem bank --nce_m 0.5``, ``-d 128``, ``--head linear`` = Linear(2048, 128) + L2 normalisation), but
+the loss is a softmax over the own entry and K = 65,536 drawn entries (``--nce_k 65536 --nce_t 0.07``;
+``losses.info_nce``)::
+
+    L = −log exp(m_I·f/τ) / (exp(m_I·f/τ) + Σ_{k=1}^{K} exp(m_k·f/τ)),     τ = 0.07,
+
+cross-entropy with label 0 over their ``bmm(w, x) / T`` logits. Wu et al.'s paper and code (lemniscate.pytorch)
+instead train NCE (eq. 6–7) with N = 4,096 (``npid`` above): a binary classifier against a noise prior N/|D| with a
+normalising constant Z, where the softmax needs neither. The rest is PyContrast's augmentation ``A`` with the crop
+scale it uses for memory banks (``build_transforms``: RandomResizedCrop scale 0.08–1, flip, ColorJitter(0.4, 0.4,
+0.4, 0.4), grayscale 0.2, in ``make_view``'s order, which is theirs) and its defaults (``options/base_options.py``):
+SGD momentum 0.9, lr 0.03 at batch 256 (their RUN.md scales it linearly: 0.06 at 512), weight decay 1e-4 on every
+parameter, 200 epochs, ×0.1 at 120 and 160 (``NPID_OPTIM``). Differences: PyContrast warms up (5 epochs from 0.01)
+only for batches over 256, initialises the bank with normalised Gaussians (ours: VISSL's normalised uniform), draws
+negatives from all of D (ours never the sample's own image) and writes the bank inside its forward (ours after the
+optimiser step, from the same f; the loss never sees its own write in either).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -38,8 +62,8 @@ from torch import nn
 
 from selfsup.config import FRACTION_BELOW_ONE, Range, one_of
 from selfsup.errors import UserError
-from selfsup.losses import estimate_nce_z, nce_from_scores, nce_scores
-from selfsup.methods.base import Method, StepInfo
+from selfsup.losses import estimate_nce_z, info_nce, nce_from_scores, nce_scores
+from selfsup.methods.base import Method, StepInfo, TrainSet
 from selfsup.nn.distributed import is_distributed
 from selfsup.nn.memory_bank import MemoryBank, sample_negatives
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD, ViewConfig, make_view
@@ -48,6 +72,10 @@ from selfsup.views.pirl_views import pirl_image_view
 # Wu et al.'s code (lemniscate.pytorch main.py): RandomResizedCrop(224, scale=(0.2, 1)), RandomGrayscale(0.2),
 # ColorJitter(0.4, 0.4, 0.4, 0.4), RandomHorizontalFlip, ImageNet normalisation.
 NPID_VIEW = ViewConfig(size=224, crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
+
+# PyContrast's augmentation "A" for memory-bank methods (datasets/util.py build_transforms: "memory bank likes 0.08"):
+# RandomResizedCrop(224, scale=(0.08, 1)), RandomHorizontalFlip, ColorJitter(0.4, 0.4, 0.4, 0.4), RandomGrayscale(0.2).
+INSDIS_VIEW = dataclasses.replace(NPID_VIEW, crop_scale=(0.08, 1.0))
 
 # Wu et al.'s code: SGD momentum 0.9, lr 0.03 (batch 256), weight decay 1e-4, 200 epochs, ×0.1 at 120 and 160.
 NPID_OPTIM = dict(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, schedule="step", milestones=[120, 160],
@@ -114,6 +142,16 @@ class NPID(Method):
         self.z = NormalizingConstant(num_images, cfg.norm_constant)
         self.num_negatives = min(cfg.num_negatives, num_images - 1)
 
+    def setup(self, train_set: TrainSet) -> None:
+        n, asked = train_set.num_images, self.cfg.num_negatives
+        if asked >= n - 1 and train_set.rank == 0:
+            fix = max(1, 1 << ((n // 2).bit_length() - 1))      # a power of two at most half the images
+            warnings.warn(f"method.num_negatives={asked} is at least the {n - 1} other images of {train_set.name}: "
+                          f"each sample is compared with {self.num_negatives} draws from all of them at every step "
+                          f"(N capped at |D| - 1), i.e. with most of the dataset as bank entries written up to an "
+                          f"epoch ago. Small-data recipes use a smaller bank: pass e.g. method.num_negatives={fix}",
+                          stacklevel=2)
+
     @classmethod
     def input_stats(cls, cfg) -> tuple[tuple, tuple, bool]:
         return IMAGENET_MEAN, IMAGENET_STD, False
@@ -177,3 +215,43 @@ class NPIDPlusPlus(NPID):
     summary = "NPID++ (Misra & van der Maaten 2020 §4.2): NPID with 32,000 negatives, PIRL's recipe (PIRL at λ = 0)"
     Config = NPIDPlusPlusConfig
     optim_defaults = PIRL_OPTIM
+
+
+@dataclass
+class InsDisConfig:
+    num_negatives: int = 65_536     # PyContrast --nce_k (K); capped at |D| - 1
+    temperature: float = 0.07       # --nce_t
+    embed_dim: int = 128            # -d / --feat_dim
+    momentum: float = 0.5           # --nce_m: bank update weight on the old entry
+    shared_negatives: bool = False  # one set of K negatives per batch instead of per sample (B× less memory)
+    view: str = "insdis"            # insdis (PyContrast, crop 0.08-1) | npid (Wu et al., crop 0.2-1) | pirl
+    size: int | None = None         # crop size; None = the images' own size
+    norm_constant: ClassVar[str] = "none"   # NCE's Z: the softmax has none (not an option)
+
+
+class InsDis(NPID):
+    name = "insdis"
+    summary = ("InsDis as PyContrast trains it (Ericsson et al.'s checkpoint): softmax over the own bank entry and "
+               "65,536 drawn ones, τ 0.07")
+    Config = InsDisConfig
+    limits = {"num_negatives": Range(1), "momentum": FRACTION_BELOW_ONE, "view": one_of("insdis", "npid", "pirl")}
+    optim_defaults = NPID_OPTIM     # PyContrast's defaults are lemniscate's: SGD 0.03, wd 1e-4, 200 ep, ×0.1 at 120/160
+
+    def __init__(self, backbone, cfg: InsDisConfig, num_images: int):
+        super().__init__(backbone, cfg, num_images)
+        del self.z                   # NPID's normalising constant: nothing to estimate for a softmax
+
+    def image_view(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.cfg.view == "insdis":
+            return make_view(images, dataclasses.replace(INSDIS_VIEW, size=self.cfg.size or images.shape[-1]), g=g)
+        return super().image_view(images, g)
+
+    def forward(self, views: dict, info: StepInfo) -> dict:
+        f = self.embed(views["x"])
+        positive, negatives = self.bank_entries(views)
+        loss = info_nce(f, positive, negatives, self.cfg.temperature)
+        with torch.no_grad():   # how often the own entry outscores every drawn one (PyContrast's top-1 "a_I")
+            own = (f * positive).sum(1)
+            others = f @ negatives.T if negatives.dim() == 2 else torch.einsum("bd,bkd->bk", f, negatives)
+            acc = (own > others.amax(1)).float().mean()
+        return {"loss": loss, "pretext_acc": acc, "state": {"index": views["index"], "f": f.detach()}}

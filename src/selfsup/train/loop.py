@@ -108,7 +108,9 @@ def export_backbone(backbone: torch.nn.Module, cfg: RunConfig, path: Path) -> No
     import json
 
     mean, std, standardize = methods.input_normalization(cfg.method)
-    meta = {"backbone": json.dumps(to_dict(cfg.backbone)), "method": cfg.method["name"], "format": "selfsup-1",
+    arch = to_dict(cfg.backbone)   # an export may add layers (SimCLR v2's projector layer): its build options
+    arch["options"] = {**arch["options"], **getattr(backbone, "build_options", {})}
+    meta = {"backbone": json.dumps(arch), "method": cfg.method["name"], "format": "selfsup-1",
             "mean": json.dumps(mean), "std": json.dumps(std), "standardize": json.dumps(standardize)}
     tmp = path.with_suffix(".tmp")
     try:
