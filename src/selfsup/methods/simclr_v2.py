@@ -90,7 +90,8 @@ def fold_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.
 
 class SimCLRv2(SimCLR):
     name = "simclr_v2"
-    summary = "SimCLR v2 (Chen et al. 2020b): SimCLR with a 3-layer BN projector, τ 0.1, LARS 0.3 × B/256 (= 0.075·√B at B 4096), wd 1e-4"
+    summary = ("SimCLR v2 (Chen et al. 2020b): SimCLR with a 3-layer BN projector, τ 0.1, LARS 0.3 × B/256 "
+               "(= 0.075·√B at B 4096), wd 1e-4")
     Config = SimCLRv2Config
     limits = {**SimCLR.limits, "proj_layers": Range(1), "export_projector_layers": Range(0, 1)}
     optim_defaults = SIMCLR_V2_OPTIM
