@@ -53,7 +53,8 @@ class DataConfig:
 class OptimConfig:
     name: str = "sgd"           # sgd | lars | adamw
     lr: float = 0.1
-    scale_lr: bool = True       # lr × global batch / 256
+    scale_lr: bool = True       # lr × global batch / 256 (lr_scaling=linear) or lr × √batch (sqrt)
+    lr_scaling: str = "linear"  # linear (Goyal et al. 2017) | sqrt (SimCLR v2's 0.075·√batch)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -311,7 +312,8 @@ LIMITS = {
     "backbone": {"width": Range(0, 64, low_open=True)},
     "data": {"size": Range(1, 8192), "per_class": Range(1), "on_error": one_of("raise", "skip"),
              "resident_bytes": NON_NEGATIVE},
-    "optim": {"name": one_of("sgd", "lars", "adamw"), "lr": POSITIVE, "momentum": FRACTION_BELOW_ONE,
+    "optim": {"name": one_of("sgd", "lars", "adamw"), "lr": POSITIVE, "lr_scaling": one_of("linear", "sqrt"),
+              "momentum": FRACTION_BELOW_ONE,
               "weight_decay": NON_NEGATIVE, "schedule": one_of("cosine", "step", "constant"),
               "warmup_epochs": NON_NEGATIVE, "final_lr_ratio": PROBABILITY, "milestones": NON_NEGATIVE,
               "gamma": POSITIVE, "lars_eta": POSITIVE, "betas": FRACTION_BELOW_ONE},

@@ -3,7 +3,6 @@ of the projector's first layer (ReLU(BN(W₁ h)), BN folded) as a Backbone rebui
 a run of the loop that writes it, and learning on the bundled CIFAR-10 sample."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -58,8 +57,11 @@ def test_defaults_are_the_released_codes():
     assert (recipe["name"], recipe["weight_decay"], recipe["warmup_epochs"], recipe["schedule"]) == \
         ("lars", 1e-4, 10, "cosine")
     assert recipe["exclude_norm_and_bias"]
-    # linear scaling meanwhile: at the paper's batch it is 0.075·√4096
-    assert recipe["lr"] * 4096 / 256 == pytest.approx(0.075 * math.sqrt(4096))
+    from selfsup.config import build
+    from selfsup.train.optim import scaled_lr
+
+    optim = build({"method": {"name": "simclr_v2"}, "optim": recipe}).optim
+    assert scaled_lr(optim, 4096) == pytest.approx(4.8) and scaled_lr(optim, 256) == pytest.approx(1.2)
     assert issubclass(SimCLRv2, SimCLR) and SimCLRv2.name == "simclr_v2"
     with pytest.raises(ConfigError, match="export_projector_layers"):
         SimCLRv2.make_config({"export_projector_layers": 2})

@@ -19,10 +19,8 @@ Where we differ, and why:
 
 - Memory: §2 adds a MoCo-style memory (a momentum encoder's projections, a 64K buffer, "~1 %" linear-eval gain).
   The released code has none, and Ericsson et al.'s checkpoint comes from that code: we follow the code.
-- lr scaling: ``optim.scale_lr`` is linear (lr × B/256) and cannot say √B yet. The default is lr 0.3 linear,
-  which IS 0.075·√B at the paper's B = 4096 (0.3 × 16 = 4.8 = 0.075 × 64, the equivalence tf2/README states) and
-  is lower below it (B = 256: 0.3 instead of 1.2). For the exact rule at batch B pass ``optim.lr=0.075·√B
-  optim.scale_lr=false`` (B = 256: ``optim.lr=1.2``; B = 512: 1.697; B = 1024: 2.4).
+- lr scaling: the paper's square-root rule, ``optim.lr_scaling=sqrt``: lr = 0.075·√B (B = 256: 1.2; B = 4096:
+  4.8, which is also 0.3 × 4096/256, the equivalence tf2/README states for linear scaling).
 - Global BN (tf2 ``global_bn=True``): the backbone's and projector's BN see what the training loop gives them.
 
 Export (``export_projector_layers``): 0 (default) writes the backbone, as SimCLR. 1 writes the backbone with the
@@ -57,11 +55,11 @@ from selfsup.errors import UserError
 from selfsup.methods.simclr import SimCLR, SimCLRConfig
 from selfsup.nn.heads import SIMCLR_V2, HeadSpec, build_head
 
-# tf2/README's ImageNet pretraining command at B = 4096, with the lr written for linear scaling (see the module doc):
-# LARS, 0.075·√4096 = 4.8 = 0.3 × 4096/256, weight decay 1e-4, no decay / LARS on BN and biases, 10 warm-up epochs,
+# tf2/README's ImageNet pretraining command (learning_rate_scaling=sqrt): LARS, lr 0.075·√B (4.8 at B = 4096),
+# weight decay 1e-4, no decay / LARS on BN and biases, 10 warm-up epochs,
 # cosine to 0.
-SIMCLR_V2_OPTIM = dict(name="lars", lr=0.3, scale_lr=True, momentum=0.9, weight_decay=1e-4, exclude_norm_and_bias=True,
-                       warmup_epochs=10, schedule="cosine", final_lr_ratio=0.0)
+SIMCLR_V2_OPTIM = dict(name="lars", lr=0.075, scale_lr=True, lr_scaling="sqrt", momentum=0.9, weight_decay=1e-4,
+                       exclude_norm_and_bias=True, warmup_epochs=10, schedule="cosine", final_lr_ratio=0.0)
 
 
 @dataclass
@@ -90,8 +88,7 @@ def fold_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.
 
 class SimCLRv2(SimCLR):
     name = "simclr_v2"
-    summary = ("SimCLR v2 (Chen et al. 2020b): SimCLR with a 3-layer BN projector, τ 0.1, LARS 0.3 × B/256 "
-               "(= 0.075·√B at B 4096), wd 1e-4")
+    summary = "SimCLR v2 (Chen et al. 2020b): SimCLR with a 3-layer BN projector, τ 0.1, LARS 0.075·√B, wd 1e-4"
     Config = SimCLRv2Config
     limits = {**SimCLR.limits, "proj_layers": Range(1), "export_projector_layers": Range(0, 1)}
     optim_defaults = SIMCLR_V2_OPTIM

@@ -82,9 +82,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """Base lr, scaled linearly with the batch (lr × batch / 256) when ``cfg.scale_lr`` is set,
-    as Goyal et al. 2017 and the Revisiting configs (lr 0.1 × batch/256) do."""
-    return cfg.lr * global_batch / 256 if cfg.scale_lr else cfg.lr
+    """Base lr when ``cfg.scale_lr`` is set: linear in the batch (lr × batch / 256), as Goyal et al. 2017 and the
+    Revisiting configs (lr 0.1 × batch/256) do, or with ``lr_scaling="sqrt"`` lr × √batch, SimCLR v2's rule
+    (Chen et al. 2020b, App. B: 0.075·√batch)."""
+    if not cfg.scale_lr:
+        return cfg.lr
+    return cfg.lr * math.sqrt(global_batch) if cfg.lr_scaling == "sqrt" else cfg.lr * global_batch / 256
 
 
 def lr_at(step: int, total: int, base_lr: float, cfg: OptimConfig, steps_per_epoch: int) -> float:
