@@ -33,3 +33,30 @@ def data_root() -> Path | None:
 
 requires_data = pytest.mark.skipif(data_root() is None and not (REPO.parent / "shared" / "data").is_dir(),
                                    reason="needs SELFSUP_DATA (../shared/data) with the real datasets")
+
+
+def free_port() -> int:
+    """A free localhost TCP port for a gloo process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(worker, world: int, *args, timeout: float = 120) -> list:
+    """Run ``worker(rank, port, *args, queue)`` in ``world`` spawned processes (a gloo group on one free port);
+    returns what each put on ``queue``, sorted by its first element (the rank). Every process must exit 0."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=timeout) for _ in range(world)), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results

@@ -5,14 +5,13 @@ CIFAR-10 sample, and a 5-step run of the training loop with the shipped defaults
 
 import copy
 import os
-import socket
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_processes
 from safetensors.torch import load_file
 
 from selfsup import backbones, methods
@@ -268,12 +267,6 @@ def _global_views(step):
     return {"query": xq, "key": xk}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(method, model, views_of, steps, check=None):
     """SGD steps on ``views_of(step)``; (loss, keys) of each step and the final state."""
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
@@ -321,16 +314,7 @@ def test_two_processes_shuffle_keys_across_ranks_as_the_one_process_reference():
         torch.testing.assert_close(keys, _hand_keys(reference, views["key"], perm, WORLD), rtol=1e-5, atol=1e-6)
 
     ref_history, ref_params, ref_queue, ref_ptr = _run(reference, reference, _global_views, STEPS_2P, by_hand)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got = sorted((results.get(timeout=120) for _ in range(WORLD)), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_processes(_worker, WORLD)
     assert [splits for _, splits, _ in got] == [1, 1]                      # one BN group per process under DDP
     for step, (loss, keys) in enumerate(ref_history):
         torch.testing.assert_close(sum(run[0][step][0] for _, _, run in got) / WORLD, loss, rtol=1e-5, atol=1e-6)

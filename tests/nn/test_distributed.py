@@ -1,19 +1,13 @@
 """SimCLR's negatives gathered across 2 gloo processes give the single-process loss and gradients."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from selfsup.losses import nt_xent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, z1, z2, tau, queue):
@@ -42,7 +36,7 @@ def test_gather_with_grad_matches_single_process():
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, z1, z2, tau, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -2,13 +2,12 @@
 processes that reads and writes exactly what the single-process bank does, without any rank holding it all."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_processes
 from torch import nn
 
 from selfsup.nn import memory_bank
@@ -102,12 +101,6 @@ def _step_inputs(step, rank):
     return positives, negatives, _unit(LOCAL, DIM, 100 * step + rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Holder(nn.Module):
     def __init__(self):
         super().__init__()
@@ -167,16 +160,7 @@ def test_sharded_bank_on_two_processes_equals_the_single_process_bank():
         expected.append([ref.lookup(torch.cat([p[:, None], n], 1)) for p, n, _ in inputs])
         ref.update(torch.cat([p for p, _, _ in inputs]), torch.cat([v for _, _, v in inputs]))
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, full_init, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=120) for _ in range(WORLD)), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_processes(_worker, WORLD, full_init)
 
     for rank, init, lookups, final, rows_held, shard, loads_full, refused, ddp_kept, whole in results:
         init, final, lookups = torch.from_numpy(init), torch.from_numpy(final), [torch.from_numpy(x) for x in lookups]

@@ -2,13 +2,12 @@
 and on 2 gloo processes the same queue on both ranks as one process enqueueing the whole global batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_processes
 
 from selfsup.errors import UserError
 from selfsup.nn.queue import KeyQueue, check_batch
@@ -94,12 +93,6 @@ def _global_batch(step):
     return _keys(LOCAL * WORLD, DIM, 100 + step)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -127,16 +120,7 @@ def test_two_processes_hold_the_single_process_queue():
         ref.enqueue(_global_batch(step))
         expected.append((ref.queue.clone(), ref.queue_ptr.item()))
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got = sorted((results.get(timeout=120) for _ in range(WORLD)), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_processes(_worker, WORLD)
 
     for _, history, refused in got:
         for (queue, ptr), (want, want_ptr) in zip(history, expected, strict=True):
