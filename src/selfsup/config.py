@@ -186,10 +186,6 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def unknown_key(key: str, where: str, known: list[str], kind: str = "config key") -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {where}{close[0]}?)" if close else ""
@@ -202,7 +198,7 @@ def _merge(target: Any, values: dict, where: str) -> Any:
     if not is_dataclass(target):
         raise ConfigError(f"{where.rstrip('.')} is not a section")
     known = {f.name: f for f in fields(target)}
-    hints = _hints(type(target))
+    hints = typing.get_type_hints(type(target))
     updates = {}
     for key, value in values.items():
         if key not in known:
@@ -280,7 +276,7 @@ def typed(cls: type, values: dict, where: str, limits: dict | None = None, kind:
     for key in values:
         if key not in known:
             raise unknown_key(key, where, known, kind)
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     obj = cls(**{k: coerce(v, hints[k], f"{where}{k}") for k, v in values.items()})
     check_limits(obj, limits or {}, where)
     return obj
