@@ -101,6 +101,10 @@ def test_tau_follows_the_cosine_schedule_and_the_target_is_the_ema_of_the_online
         assert m.tau(StepInfo.at(k, total=K)) == pytest.approx(1 - (1 - 0.996) * (math.cos(math.pi * k / K) + 1) / 2)
     assert m.tau(StepInfo.at(0, total=K)) == pytest.approx(0.996)
     assert m.tau(StepInfo.at(K // 2, total=K)) == pytest.approx(0.998)
+    constant = _byol(tau_base=0.99, tau_schedule="constant")       # lightly's CIFAR-10 benchmark
+    assert [constant.tau(StepInfo.at(k, total=K)) for k in (0, K // 2, K - 1)] == [0.99] * 3
+    with pytest.raises(UserError, match="tau_schedule"):
+        BYOL.make_config({"tau_schedule": "linear"})
 
     m = _byol(tau_base=0.9)
     images, steps = _random_images(16), 3

@@ -114,6 +114,34 @@ def test_loss_is_info_nce_over_the_queue_written_out():
     assert float(out["pretext_acc"]) == float((logits[:, 0] > logits[:, 1:].amax(1)).float().mean())
 
 
+def test_symmetric_loss_averages_both_directions_against_the_same_queue_and_enqueues_both_key_sets():
+    method = _method(queue_size=32, symmetric=True)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    _sgd_step(method, opt, dict(zip(("query", "key"), _inputs(8, 0), strict=True)), StepInfo.at(0))
+    x1, x2 = _inputs(8, 1)
+    info = StepInfo.at(1, seed=4)
+    queue, ptr = method.queue.queue.clone(), int(method.queue.queue_ptr)
+    out = method({"query": x1, "key": x2}, info)
+    with torch.no_grad():
+        perm = _hand_permutation(8, 4, 1)
+
+        def term(xq, xk):   # −log softmax([q·k₊, q·queue]/τ)₀ over the queue of before the step
+            q = torch.cat([_embed(method._online(), chunk) for chunk in xq.chunk(2)])
+            k = _hand_keys(method, xk, perm, 2)
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.07
+            return (torch.logsumexp(logits, 1) - logits[:, 0]).mean(), k
+
+        (l12, k2), (l21, k1) = term(x1, x2), term(x2, x1)
+    torch.testing.assert_close(out["loss"].detach(), (l12 + l21) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["state"]["keys"], torch.cat([k2, k1]), rtol=1e-5, atol=1e-6)
+    method.after_step(out["state"], info)
+    torch.testing.assert_close(method.queue.queue[ptr:ptr + 16], torch.cat([k2, k1]))
+    assert int(method.queue.queue_ptr) == (ptr + 16) % 32
+    with pytest.raises(UserError, match=r"K=24 is not a multiple of the global batch 16 of keys \(2 per image"):
+        _method(queue_size=24, symmetric=True)(dict(zip(("query", "key"), _inputs(8, 0), strict=True)),
+                                               StepInfo.at(0))
+
+
 def test_key_encoder_is_the_ema_of_the_query_encoder_and_the_queue_a_fifo():
     m, size, batch, steps = 0.9, 12, 4, 5
     method = _method(queue_size=size, momentum=m)

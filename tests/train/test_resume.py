@@ -27,11 +27,17 @@ MOCO = [sys.executable, "-m", "selfsup.cli", "pretrain", "moco", "--data", "samp
         "train.log_every=1"]
 
 
+# BYOL the same way: the target network (an EMA at the cosine τ of the step) and both heads in the checkpoint
+BYOL = [*MOCO[:4], "byol", *[a for a in MOCO[5:] if not a.startswith("method.")], "method.size=16",
+        "method.proj_hidden=64", "method.pred_hidden=64"]
+
+
 def _run(out, env, command=COMMAND):
     subprocess.run([*command, "--out", str(out)], check=True, env=env, capture_output=True)
 
 
-@pytest.mark.parametrize("command", [COMMAND, MOCO], ids=["simclr", "moco-at-an-epoch-boundary"])
+@pytest.mark.parametrize("command", [COMMAND, MOCO, BYOL],
+                         ids=["simclr", "moco-at-an-epoch-boundary", "byol-at-an-epoch-boundary"])
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, command):
     env = {**os.environ, "SELFSUP_HOME": str(tmp_path / "home")}
     _run(tmp_path / "straight", env, command)

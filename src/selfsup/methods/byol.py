@@ -12,7 +12,8 @@ done in ``after_step``, after the optimiser step (eq. 3: θ ← optimizer(θ, �
 weights just updated and k = ``info.step``, the 0-based step just taken, K = ``info.total``: the first update
 uses τ_0 = τ_base, the last τ_{K−1}, as BYOL's ``_update_fn`` (byol_experiment.py) calls
 ``schedules.target_ema(global_step)`` after ``optax.apply_updates``. τ is a function of StepInfo alone, so a
-resumed run uses the same values.
+resumed run uses the same values. ``tau_schedule=constant`` keeps τ_k = τ_base throughout (not the paper's: the
+recipe of lightly's CIFAR-10 benchmark, ``configs/lightly/byol_cifar10.yaml``).
 
 Loss (eq. 2). The per-pair loss is L = ‖q̄_θ(z_1) − z̄′_2‖² = 2 − 2 cos(q_θ(z_1), sg(z′_2)), x̄ = x/‖x‖, z′ the
 target's projection; it is symmetrised by feeding v′ to the online network and v to the target, L^BYOL =
@@ -68,6 +69,7 @@ from selfsup.views.augment import PRESETS, make_view
 @dataclass
 class BYOLConfig:
     tau_base: float = 0.996       # §3.2: τ_base of the 1000-epoch run (the code's 300-epoch preset: 0.99)
+    tau_schedule: str = "cosine"  # cosine: §3.2's τ_k rising to 1; constant: τ_base throughout (lightly's benchmark)
     proj_hidden: int = 4096       # projector g: Linear(d, 4096) → BN → ReLU → Linear(4096, 256)
     proj_dim: int = 256           # the projection (and prediction) dimension
     pred_hidden: int = 4096       # predictor q: the same MLP on the projection
@@ -80,7 +82,8 @@ class BYOL(Method):
     name = "byol"
     summary = "BYOL (Grill et al. 2020): an online predictor regresses an EMA target's projection, no negatives"
     Config = BYOLConfig
-    limits = {"tau_base": PROBABILITY, "proj_hidden": Range(1), "proj_dim": Range(1), "pred_hidden": Range(1),
+    limits = {"tau_base": PROBABILITY, "tau_schedule": one_of("cosine", "constant"),
+              "proj_hidden": Range(1), "proj_dim": Range(1), "pred_hidden": Range(1),
               "view1": one_of(*PRESETS), "view2": one_of(*PRESETS)}
     optim_defaults = dict(name="lars", lr=0.2, scale_lr=True, momentum=0.9, lars_eta=1e-3, weight_decay=1.5e-6,
                           exclude_norm_and_bias=True, warmup_epochs=10, schedule="cosine", final_lr_ratio=0.0)
@@ -107,7 +110,9 @@ class BYOL(Method):
         return tuple(view.mean), tuple(view.std), False
 
     def tau(self, info: StepInfo) -> float:
-        """τ_k of step k = ``info.step`` in a run of K = ``info.total`` steps (§3.2)."""
+        """τ_k of step k = ``info.step`` in a run of K = ``info.total`` steps (§3.2), or τ_base if constant."""
+        if self.cfg.tau_schedule == "constant":
+            return self.cfg.tau_base
         return byol_tau(info.step, info.total, self.cfg.tau_base)
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:

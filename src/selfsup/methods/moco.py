@@ -33,6 +33,13 @@ Defaults are the released recipes: v1 dim 128 (a single Linear, the fc of their 
 (``heads.MOCO_V2``: 2048-ReLU-128 on R-50), τ 0.2, ``moco_v2`` (aug+) views, cosine schedule; ``main_moco.py
 --cos`` decays the lr once per epoch, ours every step. Its released 800-epoch checkpoint differs only in
 train.epochs. K must be a multiple of the global batch (``check_batch``); K ≥ the dataset size is warned about.
+
+``symmetric`` (not in either paper; the MoCo CIFAR-10 demo notebook of facebookresearch/moco and lightly's CIFAR-10
+benchmark use it): both views serve as query and as key, the loss is ½(L(q₁, k₂) + L(q₂, k₁)), each against the
+queue as it stood before the step, and both key sets (2B keys) are enqueued after it, so K must be a multiple of 2B.
+The demo sums the two terms; we average them so that the lr means what it means for the one-sided loss (lightly
+averages too). lightly's loss enqueues k₂ between the two terms, so its second term meets the momentum key of its
+own query's image among the negatives; we do not copy that.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class MoCoConfig:
     temperature: float = 0.07     # τ, §3.3 after Wu et al. 2018
     mlp: bool = False             # builder.py mlp: Linear-ReLU-Linear head (MoCo v2)
     shuffle_bn_splits: int | None = None  # BN groups per process; None: 2 on one process, 1 under DDP
+    symmetric: bool = False       # ½(L(q₁, k₂) + L(q₂, k₁)), both key sets enqueued (the module docstring)
     view: str = "moco_v1"         # augmentation preset
     size: int | None = None       # crop size; None = the images' own size
 
@@ -104,10 +112,20 @@ class MoCo(Method):
         """S, the BN groups of this process."""
         return self.cfg.shuffle_bn_splits or (2 if rank_and_world()[1] == 1 else 1)
 
+    @property
+    def keys_per_image(self) -> int:
+        """Keys enqueued per image and step: 2 when ``symmetric``."""
+        return 2 if self.cfg.symmetric else 1
+
+    @property
+    def keys_why(self) -> str:
+        return " of keys (2 per image under method.symmetric)" if self.cfg.symmetric else ""
+
     def setup(self, train_set: TrainSet) -> None:
-        k, n, batch = self.cfg.queue_size, train_set.num_images, train_set.batch_size
+        k, n = self.cfg.queue_size, train_set.num_images
+        batch = train_set.batch_size * self.keys_per_image
         if batch:   # before the first step; without it, forward refuses at the first step
-            check_batch(k, batch)
+            check_batch(k, batch, self.keys_why)
         if k >= n and train_set.rank == 0:
             fix = max(batch or 1, n // 4 // (batch or 1) * (batch or 1))
             warnings.warn(f"the key queue (method.queue_size={k}) is at least as large as the {n} images of "
@@ -139,16 +157,20 @@ class MoCo(Method):
 
     def forward(self, views: dict, info: StepInfo) -> dict:
         if self.training:   # refused before any weight changes, whatever setup was told
-            check_batch(self.cfg.queue_size, len(views["key"]) * rank_and_world()[1])
-        q = self.encode(self._online(), views["query"], self.splits)
+            check_batch(self.cfg.queue_size, len(views["key"]) * rank_and_world()[1] * self.keys_per_image,
+                        self.keys_why)
+        pairs = [("query", "key"), ("key", "query")][:self.keys_per_image]
+        queries = [self.encode(self._online(), views[a], self.splits) for a, _ in pairs]
         if self.training:
             self.key_encoder.update(self._online(), self.cfg.momentum)     # eq. 2, before the key pass
-        k = self.keys(views["key"], info)
+        keys = [self.keys(views[b], info) for _, b in pairs]
         negatives = self.queue.keys()
-        loss = info_nce(q, k, negatives, self.cfg.temperature)
+        loss = sum(info_nce(q, k, negatives, self.cfg.temperature) for q, k in zip(queries, keys, strict=True))
         with torch.no_grad():   # how often the positive outscores every queued key
-            acc = ((q * k).sum(1) > (q @ negatives.T).amax(1)).float().mean()
-        return {"loss": loss, "pretext_acc": acc, "state": {"keys": k}}
+            acc = sum(((q * k).sum(1) > (q @ negatives.T).amax(1)).float().mean() for q, k in zip(queries, keys,
+                                                                                                  strict=True))
+        n = len(pairs)
+        return {"loss": loss / n, "pretext_acc": acc / n, "state": {"keys": torch.cat(keys)}}
 
     def after_step(self, state: dict, info: StepInfo) -> None:
         self.queue.enqueue(state["keys"])   # every rank's keys, in rank order (a collective)

@@ -32,13 +32,14 @@ from selfsup.errors import UserError
 from selfsup.nn.distributed import gather_with_grad
 
 
-def check_batch(size: int, global_batch: int) -> None:
-    """Refuse a queue of ``size`` keys that whole global batches of ``global_batch`` keys do not tile."""
+def check_batch(size: int, global_batch: int, why: str = "") -> None:
+    """Refuse a queue of ``size`` keys that whole global batches of ``global_batch`` keys do not tile; ``why``
+    says where the batch's count comes from when it is not the images' (e.g. two keys per image)."""
     if global_batch < 1:
         raise UserError(f"the global batch written to the key queue must be at least 1, got {global_batch}")
     if size % global_batch:
         suggestion = max(1, (size + global_batch // 2) // global_batch) * global_batch
-        raise UserError(f"the key queue size K={size} is not a multiple of the global batch {global_batch} "
+        raise UserError(f"the key queue size K={size} is not a multiple of the global batch {global_batch}{why} "
                         f"(MoCo writes whole batches into the queue, K % batch == 0): choose a queue size that "
                         f"is a multiple of the global batch, e.g. {suggestion}, or a global batch that divides {size}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -308,6 +308,11 @@ MOCO_V2 = ViewConfig(size=224, crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1
 BYOL_1 = ViewConfig(size=224, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=1.0)
 BYOL_2 = ViewConfig(size=224, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.1, solarize_p=0.2)
 
+#: BYOL's views for 32-pixel images as lightly's CIFAR-10 benchmark uses them (``BYOLView{1,2}Transform(input_size=32,
+#: gaussian_blur=0.0)``): Table 6's views without the blur, which a 32-pixel image cannot carry (as SimCLR's App. B.9).
+BYOL_1_CIFAR = replace(BYOL_1, size=32, blur_p=0.0)
+BYOL_2_CIFAR = replace(BYOL_2, size=32, blur_p=0.0)
+
 #: Presets by the name a method config uses (``method.view``).
 PRESETS: dict[str, ViewConfig] = {
     "simclr": SIMCLR,
@@ -316,6 +321,8 @@ PRESETS: dict[str, ViewConfig] = {
     "moco_v2": MOCO_V2,
     "byol_1": BYOL_1,
     "byol_2": BYOL_2,
+    "byol_1_cifar": BYOL_1_CIFAR,
+    "byol_2_cifar": BYOL_2_CIFAR,
     "inception_crop_flip": INCEPTION_CROP_FLIP,
     "inception_rotation": INCEPTION_ROTATION,
     "exemplar": EXEMPLAR,
