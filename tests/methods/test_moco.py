@@ -1,4 +1,4 @@
-"""MoCo v1 / v2: the papers' defaults, InfoNCE over the queue written out by hand, the key encoder as the EMA of the
+"""MoCo v1 / v2 (and InfoMin, in the resume and loop tests): the papers' defaults, InfoNCE over the queue written out by hand, the key encoder as the EMA of the
 query encoder and the queue as a FIFO of the keys, shuffle-BN on one process and on 2 gloo processes against the
 same hand-built reference, the K % batch refusal and the K >= dataset warning, exact resume, learning on the bundled
 CIFAR-10 sample, and a 5-step run of the training loop with the shipped defaults."""
@@ -19,6 +19,7 @@ from selfsup.config import OptimConfig, build
 from selfsup.data import load
 from selfsup.errors import UserError
 from selfsup.methods.base import StepInfo, TrainSet
+from selfsup.methods.infomin import InfoMin
 from selfsup.methods.moco import MoCo, MoCoV2, shuffle_permutation
 from selfsup.train.optim import build_optimizer
 from selfsup.views.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -216,7 +217,7 @@ def test_a_queue_as_large_as_the_dataset_warns_once_with_the_fix():
         _method(queue_size=4096, num_images=1000).setup(TrainSet(1000, torch.zeros(1000), 10, None, "cpu", rank=1))
 
 
-@pytest.mark.parametrize("cls", [MoCo, MoCoV2])
+@pytest.mark.parametrize("cls", [MoCo, MoCoV2, InfoMin])
 def test_kill_and_resume_equals_the_uninterrupted_run(cls):
     images = torch.randint(0, 256, (32, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     cfg = OptimConfig(name="sgd", lr=0.1, weight_decay=1e-4)
@@ -357,7 +358,7 @@ def test_two_processes_shuffle_keys_across_ranks_as_the_one_process_reference():
 
 
 # ---------------------------------------------------------------------------------------- the training loop
-@pytest.mark.parametrize("cls", [MoCo, MoCoV2])
+@pytest.mark.parametrize("cls", [MoCo, MoCoV2, InfoMin])
 def test_pretrain_runs_with_the_shipped_defaults(cls, tmp_path, monkeypatch):
     from selfsup.train.loop import pretrain
 

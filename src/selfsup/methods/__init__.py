@@ -6,6 +6,7 @@ from selfsup.errors import UserError
 from selfsup.methods.base import Method
 from selfsup.methods.byol import BYOL
 from selfsup.methods.exemplar import Exemplar
+from selfsup.methods.infomin import InfoMin
 from selfsup.methods.jigsaw import Jigsaw
 from selfsup.methods.moco import MoCo, MoCoV2
 from selfsup.methods.npid import NPID, InsDis, NPIDPlusPlus
@@ -18,7 +19,7 @@ from selfsup.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
                                                         NPIDPlusPlus, PIRL, Supervised, MoCo, MoCoV2, SimCLRv2,
-                                                        InsDis, BYOL)}
+                                                        InsDis, BYOL, InfoMin)}
 
 
 def get(name: str) -> type[Method]:

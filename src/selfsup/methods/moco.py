@@ -102,7 +102,6 @@ class MoCo(Method):
         self.head = build_head(backbone.out_dim, dataclasses.replace(spec, out_dim=cfg.embed_dim))
         self.key_encoder = MomentumEncoder(self._online())   # θ_k starts as a copy of θ_q (builder.py)
         self.queue = KeyQueue(cfg.queue_size, cfg.embed_dim)
-        self.view_cfg = PRESETS[cfg.view]
 
     def _online(self) -> nn.ModuleDict:
         return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
@@ -134,7 +133,7 @@ class MoCo(Method):
                           stacklevel=2)
 
     def views(self, images: torch.Tensor, index: torch.Tensor, g: torch.Generator, info: StepInfo) -> dict:
-        cfg = dataclasses.replace(self.view_cfg, size=self.cfg.size or images.shape[-1])
+        cfg = dataclasses.replace(PRESETS[self.cfg.view], size=self.cfg.size or images.shape[-1])
         return {"query": make_view(images, cfg, g=g), "key": make_view(images, cfg, g=g)}
 
     @staticmethod
