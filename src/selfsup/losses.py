@@ -212,3 +212,22 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     p, z = F.normalize(prediction.float(), dim=1), F.normalize(target.float(), dim=1)
     return (2 - 2 * (p * z).sum(1)).mean()
+
+
+def swapped_prediction(scores: list[torch.Tensor], codes: list[torch.Tensor], assign: tuple[int, ...],
+                       temperature: float) -> torch.Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, §3.1, eq. 1-2; main_swav.py ``train``).
+
+    ``scores[v]`` is crop v's B × K prototype scores z_v·C, ``codes[i]`` the B × K Sinkhorn codes q of crop
+    ``assign[i]``. Each code is predicted from every other crop, ℓ(z_v, q) = −Σ_k q_k log softmax(z_v·C/τ)_k:
+
+        L = 1/|assign| · Σ_i 1/(V − 1) · Σ_{v ≠ assign[i]} mean_b ℓ(z_v, q_i),    V = the number of crops,
+
+    averaged as the code does (over the batch, the other crops, then the assigned crops).
+    """
+    total = scores[0].new_zeros(())
+    for crop, q in zip(assign, codes, strict=True):
+        others = [v for v in range(len(scores)) if v != crop]
+        sub = sum(-(q * F.log_softmax(scores[v].float() / temperature, dim=1)).sum(1).mean() for v in others)
+        total = total + sub / len(others)
+    return total / len(assign)

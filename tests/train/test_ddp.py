@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import torch
 from safetensors.torch import load_file
 
 
@@ -39,3 +40,22 @@ def test_two_process_memory_bank_run_checkpoints_the_whole_bank_and_resumes(tmp_
     (out / "backbone.safetensors").unlink()
     log = pretrain_on_two_processes(tmp_path, "npid", 4, 2, "method.num_negatives=64")  # resumes, each rank its rows
     assert "resum" in log.lower() and (out / "checkpoints" / "step-00000004").is_dir()
+
+
+def test_two_process_swav_run_checkpoints_both_ranks_queues_and_resumes_to_the_same_weights(tmp_path):
+    args = ("method.num_prototypes=20", "method.proj_hidden=32", "method.queue_length=32",
+            "method.epoch_queue_starts=0", "method.freeze_prototypes_niters=1", "method.size=16")
+    pretrain_on_two_processes(tmp_path / "a", "swav", 4, 2, *args)
+    straight = load_file(str(tmp_path / "a" / "run" / "backbone.safetensors"))
+    out = tmp_path / "b" / "run"
+    pretrain_on_two_processes(tmp_path / "b", "swav", 4, 2, *args)
+    state = load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert state["queue.queue"].shape == (2, 2, 16, 128)   # world × the 2 assigned crops × 16 rows
+    assert state["queue.queue"][0].abs().sum() > 0 and not torch.equal(state["queue.queue"][0], state["queue.queue"][1])
+    shutil.rmtree(out / "checkpoints" / "step-00000004")           # as if killed after step 2
+    (out / "backbone.safetensors").unlink()
+    log = pretrain_on_two_processes(tmp_path / "b", "swav", 4, 2, *args)
+    assert "resum" in log.lower()
+    resumed = load_file(str(out / "backbone.safetensors"))
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key

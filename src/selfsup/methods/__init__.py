@@ -16,10 +16,11 @@ from selfsup.methods.rotation import Rotation
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.simclr_v2 import SimCLRv2
 from selfsup.methods.supervised import Supervised
+from selfsup.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
                                                         NPIDPlusPlus, PIRL, Supervised, MoCo, MoCoV2, SimCLRv2,
-                                                        InsDis, BYOL, InfoMin)}
+                                                        InsDis, BYOL, InfoMin, SwAV)}
 
 
 def get(name: str) -> type[Method]:

@@ -25,11 +25,12 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import UserError
-from selfsup.nn.distributed import gather_with_grad
+from selfsup.nn.distributed import gather_with_grad, is_distributed, rank_and_world
 
 
 def check_batch(size: int, global_batch: int, why: str = "") -> None:
@@ -78,3 +79,63 @@ class KeyQueue(nn.Module):
         rows = (self.queue_ptr + torch.arange(batch, device=self.queue.device)) % self.size
         self.queue.index_copy_(0, rows, keys)
         self.queue_ptr.add_(batch).remainder_(self.size)
+
+
+class LocalQueue(nn.Module):
+    """SwAV's feature queue (facebookresearch/swav main_swav.py): per process, ``streams`` FIFOs of ``length``
+    local rows × ``dim`` (buffer ``queue``, streams × length × dim), newest first, zeros until written.
+
+    ``push(i, rows)`` shifts stream i down by len(rows) and writes the rows at the top (``queue[i, bs:] =
+    queue[i, :-bs]; queue[i, :bs] = rows``); ``full(i)`` is the code's "use the queue" test, its last row
+    non-zero. Unlike :class:`KeyQueue` nothing is gathered: each rank keeps its own rows, so the queue is a
+    :class:`~selfsup.nn.distributed.ShardedState`. A checkpoint holds every rank's queue (``full_state``); a run
+    resumed on as many processes gets its own back exactly; on another number of processes the rows of all ranks
+    are concatenated in rank order and split evenly again (the FIFO order within a rank's part is kept).
+    """
+
+    sharded_buffers = ("queue",)
+
+    def __init__(self, streams: int, length: int, dim: int):
+        super().__init__()
+        if streams < 1 or length < 1 or dim < 1:
+            raise UserError(f"a feature queue needs streams, length and dim >= 1, got {streams}, {length}, {dim}")
+        self.register_buffer("queue", torch.zeros(streams, length, dim))
+
+    def extra_repr(self) -> str:
+        s, n, d = self.queue.shape
+        return f"streams={s}, length={n} per process, dim={d}"
+
+    def full(self, i: int) -> bool:
+        return bool(self.queue[i, -1].ne(0).any())
+
+    @torch.no_grad()
+    def push(self, i: int, rows: Tensor) -> None:
+        b = rows.shape[0]
+        if b > self.queue.shape[1]:
+            raise UserError(f"a feature queue of {self.queue.shape[1]} rows per process cannot take a batch of {b}: "
+                            f"make the queue at least one local batch long")
+        self.queue[i, b:] = self.queue[i, :-b].clone()
+        self.queue[i, :b] = rows.detach().to(self.queue)
+
+    def full_state(self) -> dict[str, Tensor] | None:
+        """ShardedState: every rank's queue, world × streams × length × dim, on rank 0 (a collective)."""
+        parts = [self.queue]
+        if is_distributed():
+            parts = [torch.empty_like(self.queue) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, self.queue.contiguous())
+        return {"queue": torch.stack(parts).cpu()} if rank_and_world()[0] == 0 else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "queue"
+        saved = state_dict.get(key)
+        if saved is not None and saved.dim() == 4:          # a whole queue: this rank's part of it
+            rank, world = rank_and_world()
+            if saved.shape[0] == world:
+                mine = saved[rank]
+            else:   # another number of processes: the ranks' rows in rank order, split evenly again
+                rows = saved.permute(1, 0, 2, 3).reshape(saved.shape[1], -1, saved.shape[3])
+                mine = rows.tensor_split(world, dim=1)[rank]
+            state_dict = {**state_dict, key: mine}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
