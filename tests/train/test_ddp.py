@@ -59,3 +59,26 @@ def test_two_process_swav_run_checkpoints_both_ranks_queues_and_resumes_to_the_s
     resumed = load_file(str(out / "backbone.safetensors"))
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key
+
+
+def test_two_process_deepcluster_v2_run_checkpoints_the_whole_memory_and_resumes_to_the_same_weights(tmp_path):
+    # 40 images (4 a class), global batch 16: 2 steps an epoch, so the checkpoint at step 2 is an epoch boundary and
+    # the resumed run clusters the checkpointed memory at its first step, as the uninterrupted one does
+    args = ("method.num_prototypes=[8,6,8]", "method.proj_hidden=32", "method.size=16", "data.per_class=4")
+    pretrain_on_two_processes(tmp_path / "a", "deepcluster_v2", 4, 2, *args)
+    straight = load_file(str(tmp_path / "a" / "run" / "backbone.safetensors"))
+    out = tmp_path / "b" / "run"
+    pretrain_on_two_processes(tmp_path / "b", "deepcluster_v2", 4, 2, *args)
+    state = load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))
+    for c in (0, 1):       # each rank holds images rank::2; the checkpoint every image's row, unit
+        assert state[f"memory.{c}.memory"].shape == (40, 128) and state[f"memory.{c}.shard"].tolist() == [0, 1, 40]
+        torch.testing.assert_close(state[f"memory.{c}.memory"].norm(dim=1), torch.ones(40))
+    assert state["assignments"].shape == (3, 40) and state["assignments"].min() >= 0
+    assert [state[f"prototypes.{h}.weight"].shape[0] for h in range(3)] == [8, 6, 8]
+    shutil.rmtree(out / "checkpoints" / "step-00000004")           # as if killed after step 2
+    (out / "backbone.safetensors").unlink()
+    log = pretrain_on_two_processes(tmp_path / "b", "deepcluster_v2", 4, 2, *args)
+    assert "resum" in log.lower()
+    resumed = load_file(str(out / "backbone.safetensors"))
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key

@@ -5,6 +5,7 @@ from __future__ import annotations
 from selfsup.errors import UserError
 from selfsup.methods.base import Method
 from selfsup.methods.byol import BYOL
+from selfsup.methods.deepcluster_v2 import DeepClusterV2
 from selfsup.methods.exemplar import Exemplar
 from selfsup.methods.infomin import InfoMin
 from selfsup.methods.jigsaw import Jigsaw
@@ -20,7 +21,7 @@ from selfsup.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
                                                         NPIDPlusPlus, PIRL, Supervised, MoCo, MoCoV2, SimCLRv2,
-                                                        InsDis, BYOL, InfoMin, SwAV)}
+                                                        InsDis, BYOL, InfoMin, SwAV, DeepClusterV2)}
 
 
 def get(name: str) -> type[Method]:
