@@ -8,6 +8,10 @@ updates). Usage::
 
     python benchmarks/bench_methods.py [--methods simclr moco moco_v2 byol] [--width 0.25] [--batch-size 128]
                                        [--steps 5] [--device cuda]
+
+A method may carry options after a colon, ``;``-separated, values in YAML, e.g. ``"swav:crops=[[2, 32, [0.14,
+1.0]]]"`` (SwAV with its 2 global crops only). Methods are built for the sample's 4,800 training images (memory
+banks and prototype counts see that dataset), and step on the first ``--batch-size`` of them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import time
 
 import torch
+import yaml
 
 from selfsup import backbones, methods
 from selfsup.data import load
@@ -36,11 +41,22 @@ def extra_state_bytes(method: torch.nn.Module) -> int:
     return total
 
 
-def step_time(name: str, images: torch.Tensor, labels: torch.Tensor, args) -> tuple[float, int]:
+def parse(spec: str) -> dict:
+    """``name[:key=value;key=value]`` -> the method's config mapping."""
+    name, _, options = spec.partition(":")
+    params = {"name": name}
+    for item in filter(None, options.split(";")):
+        key, _, value = item.partition("=")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def step_time(spec: str, images: torch.Tensor, labels: torch.Tensor, num_images: int, args) -> tuple[float, int]:
     torch.manual_seed(0)
     net = backbones.build("resnet18", width=args.width, cifar_stem=True)
-    method = methods.build(name, net, {"name": name}, num_images=len(images)).to(args.device)
-    method.setup(TrainSet(len(images), labels.to(args.device), int(labels.max()) + 1, None,
+    params = parse(spec)
+    method = methods.build(params["name"], net, params, num_images=num_images).to(args.device)
+    method.setup(TrainSet(num_images, labels.to(args.device), int(labels.max()) + 1, None,
                           torch.device(args.device), batch_size=len(images)))
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     index = torch.arange(len(images), device=args.device)
@@ -80,15 +96,16 @@ def main() -> None:
     data = load("sample", "train")
     images = torch.from_numpy(data.images[: args.batch_size].copy()).permute(0, 3, 1, 2).to(args.device)
     images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.as_tensor(data.labels[: args.batch_size]).long()
+    labels = torch.as_tensor(data.labels).long()          # every training image's, for TrainSet
     names = ["simclr"] + [m for m in args.methods if m != "simclr"]   # the baseline first
-    rows = {name: step_time(name, images, labels, args) for name in names}
+    rows = {name: step_time(name, images, labels, len(labels), args) for name in names}
     base = rows["simclr"][0]
     print(f"ResNet-18 x{args.width:g} (CIFAR stem), batch {args.batch_size}, 32 px, {args.device}, "
           f"{args.steps} timed steps after {args.warmup}")
-    print(f"{'method':12s} {'ms/step':>9s} {'vs simclr':>10s} {'extra state':>12s}")
+    width = max(12, *map(len, rows))
+    print(f"{'method':{width}s} {'ms/step':>9s} {'vs simclr':>10s} {'extra state':>12s}")
     for name, (ms, extra) in rows.items():
-        print(f"{name:12s} {ms:9.1f} {ms / base:9.2f}x {extra / 2**20:10.1f} MiB")
+        print(f"{name:{width}s} {ms:9.1f} {ms / base:9.2f}x {extra / 2**20:10.1f} MiB")
     print(json.dumps({name: {"ms_per_step": round(ms, 2), "ratio_to_simclr": round(ms / base, 3),
                              "extra_state_mib": round(extra / 2**20, 2)} for name, (ms, extra) in rows.items()}))
 
