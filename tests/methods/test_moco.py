@@ -1,7 +1,8 @@
-"""MoCo v1 / v2 (and InfoMin, in the resume and loop tests): the papers' defaults, InfoNCE over the queue written out by hand, the key encoder as the EMA of the
-query encoder and the queue as a FIFO of the keys, shuffle-BN on one process and on 2 gloo processes against the
-same hand-built reference, the K % batch refusal and the K >= dataset warning, exact resume, learning on the bundled
-CIFAR-10 sample, and a 5-step run of the training loop with the shipped defaults."""
+"""MoCo v1 / v2 (and InfoMin, in the resume and loop tests): the papers' defaults, InfoNCE over the queue written
+out by hand, the key encoder as the EMA of the query encoder and the queue as a FIFO of the keys, shuffle-BN on one
+process and on 2 gloo processes against the same hand-built reference, the K % batch refusal and the K >= dataset
+warning, exact resume, learning on the bundled CIFAR-10 sample, and a 5-step run of the loop with the shipped
+defaults."""
 
 import copy
 import os
