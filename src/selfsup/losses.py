@@ -7,6 +7,7 @@ equation number, so a reader can check them in one place.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -231,3 +232,35 @@ def swapped_prediction(scores: list[torch.Tensor], codes: list[torch.Tensor], as
         sub = sum(-(q * F.log_softmax(scores[v].float() / temperature, dim=1)).sum(1).mean() for v in others)
         total = total + sub / len(others)
     return total / len(assign)
+
+
+def proto_logits(q: torch.Tensor, centroids: torch.Tensor, density: torch.Tensor, positive: torch.Tensor,
+                 negative: torch.Tensor) -> torch.Tensor:
+    """builder.py's ``logits_proto``: q · [c_pos (B), c_neg (r)]ᵀ / φ[[pos, neg]], B × (B + r); label i for row i."""
+    ids = torch.cat([positive, negative]).to(centroids.device)
+    return q @ centroids[ids].to(q.dtype).T / density[ids].to(q.dtype)
+
+
+def proto_term(q: torch.Tensor, centroids: Sequence[torch.Tensor], density: Sequence[torch.Tensor],
+               positive: Sequence[torch.Tensor], negative: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/M) Σ_m CE(logits_m, arange(B)) and the mean top-1 accuracy of the prototype logits."""
+    labels = torch.arange(len(q), device=q.device)
+    loss, acc = q.new_zeros(()), q.new_zeros(())
+    for c, phi, pos, neg in zip(centroids, density, positive, negative, strict=True):
+        logits = proto_logits(q, c, phi, pos, neg)
+        loss = loss + F.cross_entropy(logits, labels)
+        acc = acc + (logits.detach().argmax(1) == labels).float().mean()
+    m = max(len(centroids), 1)
+    return loss / m, acc / m
+
+
+def proto_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float,
+              centroids: Sequence[torch.Tensor] = (), density: Sequence[torch.Tensor] = (),
+              positive: Sequence[torch.Tensor] = (), negative: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """ProtoNCE (PCL eq. 6, builder.py / main_pcl.py): InfoNCE over [q·k, q·queue]/τ plus, when clusterings are
+    given (per clustering m: centroids K_m × d, φ K_m, the batch's cluster ids B, the negative ids r), the mean
+    over m of the prototype cross-entropy. With no clustering it is InfoNCE (before the warm-up ends)."""
+    loss = info_nce(q, k, negatives, temperature)
+    if len(centroids):
+        loss = loss + proto_term(q, centroids, density, positive, negative)[0]
+    return loss

@@ -306,8 +306,8 @@ def test_channels_last_and_bf16_autocast(name: str, px: int) -> None:
     ref = net(x, taps=("block3", "pre_logits"))
     net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
     out = net_cl(x.to(memory_format=torch.channels_last), taps=("block3", "pre_logits"))
-    for k in ref:
-        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
+    for k in ref:   # the two layouts sum in different orders: a wrong layout is off by O(1), rounding by < 1e-3
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-3, atol=1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net_cl(x.to(memory_format=torch.channels_last).requires_grad_(True))
     assert out["pre_logits"].dtype == torch.bfloat16

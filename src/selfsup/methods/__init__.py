@@ -11,9 +11,11 @@ from selfsup.methods.infomin import InfoMin
 from selfsup.methods.jigsaw import Jigsaw
 from selfsup.methods.moco import MoCo, MoCoV2
 from selfsup.methods.npid import NPID, InsDis, NPIDPlusPlus
+from selfsup.methods.pcl import PCL, PCLV2
 from selfsup.methods.pirl import PIRL
 from selfsup.methods.relative_patch import RelativePatchLocation
 from selfsup.methods.rotation import Rotation
+from selfsup.methods.sela_v2 import SeLaV2
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.simclr_v2 import SimCLRv2
 from selfsup.methods.supervised import Supervised
@@ -21,7 +23,8 @@ from selfsup.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, Rotation, Exemplar, RelativePatchLocation, Jigsaw, NPID,
                                                         NPIDPlusPlus, PIRL, Supervised, MoCo, MoCoV2, SimCLRv2,
-                                                        InsDis, BYOL, InfoMin, SwAV, DeepClusterV2)}
+                                                        InsDis, BYOL, InfoMin, SwAV, DeepClusterV2, SeLaV2, PCL,
+                                                        PCLV2)}
 
 
 def get(name: str) -> type[Method]:
