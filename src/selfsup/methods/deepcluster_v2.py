@@ -221,19 +221,23 @@ class DeepClusterV2(Method):
             result = spherical_kmeans(bank.memory, proto.weight.shape[0], self.cfg.kmeans_iterations,
                                       seed=_seed(g), chunk_size=4096 if bank.memory.is_cuda else 256)
             proto.weight.copy_(result.centroids.to(proto.weight))
-            labels = result.assignments
-            if is_distributed():        # rank r's rows are images r, r + world, … (equal lengths up to one)
-                world = dist.get_world_size()
-                longest = len(range(0, self.num_images, world))
-                padded = labels.new_full((longest,), IGNORE)
-                padded[:len(labels)] = labels
-                parts = [torch.empty_like(padded) for _ in range(world)]
-                dist.all_gather(parts, padded)
-                for r, part in enumerate(parts):
-                    self.assignments[h, r::world] = part[:len(range(r, self.num_images, world))].to(
-                        self.assignments.device)
-            else:
-                self.assignments[h] = labels.to(self.assignments.device)
+            self.store_assignments(h, result.assignments)
+
+    @torch.no_grad()
+    def store_assignments(self, h: int, labels: torch.Tensor) -> None:
+        """This rank's labels (its images rank::world) into the full ``assignments[h]``, all-gathered."""
+        if is_distributed():        # rank r's rows are images r, r + world, … (equal lengths up to one)
+            world = dist.get_world_size()
+            longest = len(range(0, self.num_images, world))
+            padded = labels.new_full((longest,), IGNORE)
+            padded[:len(labels)] = labels
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            for r, part in enumerate(parts):
+                self.assignments[h, r::world] = part[:len(range(r, self.num_images, world))].to(
+                    self.assignments.device)
+        else:
+            self.assignments[h] = labels.to(self.assignments.device)
 
     def epoch_start(self, info: StepInfo, g: torch.Generator) -> None:
         if not int(self.memory_filled):

@@ -67,7 +67,7 @@ from torch import Tensor
 from selfsup.config import POSITIVE, Range, one_of
 from selfsup.errors import UserError
 from selfsup.methods.base import StepInfo
-from selfsup.methods.deepcluster_v2 import IGNORE, DeepClusterV2
+from selfsup.methods.deepcluster_v2 import DeepClusterV2
 from selfsup.nn.distributed import is_distributed
 from selfsup.views.multicrop import RECIPES
 
@@ -162,23 +162,6 @@ class SeLaV2(DeepClusterV2):
             proto.weight.copy_(F.normalize(proto.weight, dim=1))
 
     @torch.no_grad()
-    def _store(self, h: int, labels: Tensor) -> None:
-        """This rank's labels (its images rank::world) into the full ``assignments[h]`` (DeepCluster-v2's
-        all-gather)."""
-        if is_distributed():
-            world = dist.get_world_size()
-            longest = len(range(0, self.num_images, world))
-            padded = labels.new_full((longest,), IGNORE)
-            padded[:len(labels)] = labels
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded)
-            for r, part in enumerate(parts):
-                self.assignments[h, r::world] = part[:len(range(r, self.num_images, world))].to(
-                    self.assignments.device)
-        else:
-            self.assignments[h] = labels.to(self.assignments.device)
-
-    @torch.no_grad()
     def cluster(self, g: torch.Generator) -> None:
         """Sinkhorn-Knopp labels of the memory of crop h % 2 against the unit prototypes of head h, into
         ``assignments``; the prototypes are left as they are. ``g`` is unused (nothing is random)."""
@@ -187,7 +170,7 @@ class SeLaV2(DeepClusterV2):
             labels = sinkhorn_labels(bank.memory, F.normalize(proto.weight, dim=1), self.cfg.epsilon,
                                      self.cfg.sinkhorn_iterations,
                                      chunk_size=4096 if bank.memory.is_cuda else 1024)
-            self._store(h, labels)
+            self.store_assignments(h, labels)
 
     def before_optimizer_step(self, info: StepInfo) -> None:
         if info.step < self.cfg.freeze_prototypes_niters:      # SwAV's code: p.grad = None
