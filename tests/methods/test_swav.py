@@ -67,6 +67,18 @@ def test_defaults_are_the_batch_256_recipe():
     assert views["crops_0"].shape == (6, 3, 32, 32) and views["crops_1"].shape == (18, 3, 14, 14)
 
 
+def test_a_view_preset_replaces_the_colour_part_and_the_input_normalisation():
+    from selfsup.views.augment import IMAGENET_STD, PRESETS
+
+    m = _method(num_prototypes=20, view="simclr_cifar")
+    assert m.crops(32).view == PRESETS["simclr_cifar"] and m.crops(32).groups == _method(num_prototypes=20).crops(
+        32).groups
+    assert _method(num_prototypes=20, view="simclr_cifar", crops=[[2, 16, [0.14, 1]]]).crops(32).view == PRESETS[
+        "simclr_cifar"]
+    assert methods.input_normalization({"name": "swav", "view": "simclr_cifar"})[1] == IMAGENET_STD
+    assert methods.input_normalization({"name": "swav"})[1] == (0.228, 0.224, 0.225)
+
+
 def test_bad_settings_name_the_option_and_the_fix():
     with pytest.raises(UserError, match=r"num_prototypes=3000 is more than the 100 training images.*at most 100"):
         _method(num_images=100)

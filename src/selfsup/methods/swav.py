@@ -23,7 +23,9 @@ LARC, trust 1e-3, no clipping, on every parameter), lr 0.6 × batch/256 → 0.00
 your dataset). The 800-epoch checkpoint Ericsson et al. evaluate (75.3 %) is batch 4096, lr 4.8 → 0.0048 after 10
 warm-up epochs from 0.3, no queue, frozen for 313 steps. The queue's length is rounded down to a multiple of the
 global batch, as the code does. Crops: the recipe named by ``multicrop`` scaled to the images
-(``views.multicrop.scaled``: 2 × 32 + 6 × 14 at 32 px), or ``crops`` given as [[count, size, [low, high]], …].
+(``views.multicrop.scaled``: 2 × 32 + 6 × 14 at 32 px), or ``crops`` given as [[count, size, [low, high]], …];
+``view`` replaces SwAV's colour part (jitter 0.8 s, blur p 0.5) by a ``views.augment`` preset, e.g. ``simclr_cifar``
+for lightly's CIFAR-10 recipe (``configs/lightly/swav_cifar10.yaml``).
 Where we differ: LARC's per-parameter trust ratio is our LARS's (``train.optim``, the same formula without the
 clip); the code's apex mixed precision is our bf16 autocast on GPU; the code normalises the prototypes at the top
 of each step, we after each optimiser step (and once at init), so every forward sees unit prototypes either way.
@@ -46,7 +48,7 @@ from selfsup.methods.base import Method, StepInfo, TrainSet
 from selfsup.nn.heads import SWAV, build_head
 from selfsup.nn.queue import LocalQueue
 from selfsup.nn.sinkhorn import sinkhorn
-from selfsup.views.augment import IMAGENET_MEAN
+from selfsup.views.augment import IMAGENET_MEAN, PRESETS
 from selfsup.views.multicrop import RECIPES, SWAV_STD, MultiCrop, crop_counts, multicrop_views, recipe
 
 
@@ -64,6 +66,7 @@ class SwAVConfig:
     freeze_prototypes_niters: int = 5005
     multicrop: str = "swav"           # a views.multicrop recipe, scaled to the images' size
     crops: list | None = None         # or explicit groups [[count, size, [low, high]], ...], the global group first
+    view: str | None = None           # the colour part of every crop: a views.augment preset; None = SwAV's own
     size: int | None = None           # the global crop's size for the scaled recipe; None = the images' own
 
 
@@ -73,7 +76,8 @@ class SwAV(Method):
     Config = SwAVConfig
     limits = {"proj_hidden": Range(1), "num_prototypes": Range(1), "epsilon": POSITIVE,
               "sinkhorn_iterations": Range(1), "queue_length": Range(0), "epoch_queue_starts": Range(0),
-              "freeze_prototypes_niters": Range(0), "multicrop": one_of(*RECIPES)}
+              "freeze_prototypes_niters": Range(0), "multicrop": one_of(*RECIPES),
+              "view": one_of(*PRESETS)}
     optim_defaults = dict(name="lars", lr=0.6, scale_lr=True, momentum=0.9, lars_eta=1e-3, weight_decay=1e-6,
                           exclude_norm_and_bias=False, warmup_epochs=0, schedule="cosine", final_lr_ratio=1e-3)
 
@@ -88,7 +92,7 @@ class SwAV(Method):
         self.normalize_prototypes()
         self.queue: LocalQueue | None = None
         try:
-            self._crops = MultiCrop(cfg.crops) if cfg.crops is not None else None
+            self._crops = MultiCrop(cfg.crops, **self._view(cfg)) if cfg.crops is not None else None
         except UserError as e:
             raise UserError(f"method.crops: {e}") from None
         counts = crop_counts(self._crops) if self._crops else crop_counts(RECIPES[cfg.multicrop])
@@ -96,13 +100,23 @@ class SwAV(Method):
             raise UserError(f"method.crops_for_assign={list(cfg.crops_for_assign)} must name global crops, "
                             f"0 … {counts[0] - 1} (the first group of the multi-crop recipe)")
 
+    @staticmethod
+    def _view(cfg: SwAVConfig) -> dict:
+        return {} if cfg.view is None else {"view": PRESETS[cfg.view]}
+
     @classmethod
     def input_stats(cls, cfg: SwAVConfig) -> tuple[tuple, tuple, bool]:
-        return IMAGENET_MEAN, SWAV_STD, False
+        if cfg.view is None:
+            return IMAGENET_MEAN, SWAV_STD, False
+        view = PRESETS[cfg.view]
+        return tuple(view.mean), tuple(view.std), False
 
     def crops(self, image_size: int) -> MultiCrop:
         """The multi-crop recipe for images of ``image_size`` px (or ``cfg.size``)."""
-        return self._crops or recipe(self.cfg.multicrop, self.cfg.size or image_size)
+        if self._crops is not None:
+            return self._crops
+        mc = recipe(self.cfg.multicrop, self.cfg.size or image_size)
+        return dataclasses.replace(mc, **self._view(self.cfg))
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
