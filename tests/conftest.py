@@ -44,6 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def close_group() -> None:
+    """End a worker's gloo group: a barrier first, so that no rank tears its connections down while another still
+    talks to it (gloo aborts the process whose peer vanished mid-exchange), then destroy it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def run_processes(worker, world: int, *args, timeout: float = 120) -> list:
     """Run ``worker(rank, port, *args, queue)`` in ``world`` spawned processes (a gloo group on one free port);
     returns what each put on ``queue``, sorted by its first element (the rank). Every process must exit 0."""

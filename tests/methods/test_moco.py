@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_processes
+from conftest import close_group, run_processes
 from safetensors.torch import load_file
 
 from selfsup import backbones, methods
@@ -331,7 +331,7 @@ def _worker(rank, port, results):
         results.put((rank, method.splits, ([(loss, k.numpy()) for loss, k in history],
                                            {n: v.numpy() for n, v in params.items()}, queue.numpy(), ptr)))
     finally:
-        dist.destroy_process_group()
+        close_group()
 
 
 def test_two_processes_shuffle_keys_across_ranks_as_the_one_process_reference():

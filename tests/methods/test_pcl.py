@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from conftest import run_processes
+from conftest import close_group, run_processes
 from safetensors.torch import load_file
 
 from selfsup import backbones, methods
@@ -303,7 +303,7 @@ def _cluster_worker(rank, port, results):
         results.put((rank, {n: v.numpy() for n, v in method.state_dict().items()
                             if n.startswith(("centroids_", "density_", "im2cluster_"))}))
     finally:
-        torch_dist.destroy_process_group()
+        close_group()
 
 
 def test_two_processes_cluster_their_shards_into_the_same_buffers_as_one_process():

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_processes
+from conftest import close_group, run_processes
 from safetensors.torch import load_file
 
 from selfsup import backbones, methods
@@ -146,7 +146,7 @@ def _worker(rank, port, memory, protos, queue):
         labels = sinkhorn_labels(torch.from_numpy(memory[rank::2]), torch.from_numpy(protos), 0.05, 3, chunk_size=5)
         queue.put((rank, labels.numpy()))
     finally:
-        dist.destroy_process_group()
+        close_group()
 
 
 def test_two_processes_label_their_shards_as_one_process_labels_the_whole_memory():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_processes
+from conftest import close_group, run_processes
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, pairwise_distances_argmin
 from threadpoolctl import threadpool_limits
@@ -184,7 +184,7 @@ def _worker(rank, port, x, split, k, seed, queue):
         queue.put((rank, [(r.centroids.numpy(), r.assignments.numpy(), r.counts.numpy(), r.empty)
                           for r in (drawn, given)], refusals))
     finally:
-        dist.destroy_process_group()
+        close_group()
 
 
 def test_two_shards_give_the_one_process_result_on_the_concatenated_rows():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_processes
+from conftest import close_group, run_processes
 from torch import nn
 
 from selfsup.nn import memory_bank
@@ -148,7 +148,7 @@ def _worker(rank, port, full_init, queue):
                    state["shard"].tolist(), torch.equal(from_full.memory, full_init[rank::WORLD]), refused, ddp_kept,
                    whole))
     finally:
-        dist.destroy_process_group()
+        close_group()
 
 
 def test_sharded_bank_on_two_processes_equals_the_single_process_bank():

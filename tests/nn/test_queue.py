@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_processes
+from conftest import close_group, run_processes
 
 from selfsup.errors import UserError
 from selfsup.nn.queue import KeyQueue, check_batch
@@ -110,7 +110,7 @@ def _worker(rank, port, results):
             refused = str(e)
         results.put((rank, history, refused))
     finally:
-        dist.destroy_process_group()
+        close_group()
 
 
 def test_two_processes_hold_the_single_process_queue():
